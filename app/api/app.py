@@ -1,0 +1,41 @@
+"""`create_app(settings, engine)`: a fresh FastAPI app around an engine; no global app, nothing at import time."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import __version__
+from app.api import classify, models, probes
+from app.api.body_limit import BodyLimitMiddleware
+from app.api.error_handlers import install_error_handlers
+from app.engine import Engine
+from app.settings import Settings
+
+
+def create_app(settings: Settings, engine: Engine) -> FastAPI:
+    """The HTTP service. Its lifespan warms the engine up before serving and drains it on shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.stop(settings.drain_timeout_s)
+
+    app = FastAPI(
+        title="vit-serve",
+        version=__version__,
+        summary="Vision Transformer image classification with dynamic batching.",
+        lifespan=lifespan,
+    )
+    app.state.engine = engine
+    app.state.settings = settings
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    install_error_handlers(app)
+    for module in (classify, models, probes):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,36 @@
+"""`GET /v1/models` and `GET /v1/models/{name}`: what is served, how, and whether it is ready."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from app.api.responses import JSONResponse
+from app.api.schemas import ERROR_RESPONSES, ModelInfo, ModelList
+from app.engine import Engine
+
+router = APIRouter(tags=["models"])
+
+
+@router.get("/v1/models", response_model=ModelList, summary="List the served models")
+async def list_models(request: Request) -> Response:
+    engine: Engine = request.app.state.engine
+    models = [_info(engine, m.name) for m in engine.models]
+    return JSONResponse({"default": engine.default_model, "models": models})
+
+
+@router.get(
+    "/v1/models/{name}",
+    response_model=ModelInfo,
+    responses={404: ERROR_RESPONSES[404]},
+    summary="Describe a model",
+)
+async def get_model(request: Request, name: str) -> Response:
+    return JSONResponse(_info(request.app.state.engine, name))
+
+
+def _info(engine: Engine, name: str) -> dict[str, Any]:
+    return dataclasses.asdict(engine.model(name).info())

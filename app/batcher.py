@@ -1,0 +1,270 @@
+"""Stage 3, batch: one asyncio queue, one consumer task, one dedicated inference thread.
+
+Requests are admitted first (`admit`), which reserves room for their images so that a full service says 503 at
+once instead of growing a backlog; then each image is its own queue item with its own future. The consumer opens
+a window at the first item and sends a batch when it is full or `max_queue_delay_ms` after that item arrived.
+Every future is resolved exactly once: cancelled items are skipped, expired ones get `DeadlineExceeded`, a failed
+forward fails every request of its batch, and `stop` fails whatever is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Generic, TypeVar
+
+from app.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull, ServeError
+from app.settings import BatchingConfig
+
+log = logging.getLogger(__name__)
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+@dataclass(slots=True, eq=False)
+class _Item(Generic[In, Out]):
+    payload: In
+    future: asyncio.Future[Out]
+    deadline: float
+    enqueued_at: float
+
+
+@dataclass(slots=True)
+class BatchStats:
+    """What the consumer did; tests and metrics read it."""
+
+    batches: int = 0
+    images: int = 0
+    skipped_cancelled: int = 0
+    expired: int = 0
+    failed_batches: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+class Batcher(Generic[In, Out]):
+    """Dynamic batching of single items into calls of `run_batch(list[In]) -> Sequence[Out]` on one thread."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[In]], Sequence[Out]],
+        config: BatchingConfig,
+        *,
+        name: str = "model",
+        stats_history: int = 1024,
+    ) -> None:
+        self._run_batch = run_batch
+        self._config = config
+        self._name = name
+        self._max_delay_s = config.max_queue_delay_ms / 1000
+        self._queue: asyncio.Queue[_Item[In, Out]] = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
+        self._task: asyncio.Task[None] | None = None
+        self._reserved = 0  # images admitted and not yet taken by the consumer
+        self._running: list[_Item[In, Out]] = []
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._accepting = False
+        self._stats_history = stats_history
+        self.stats = BatchStats()
+
+    @property
+    def config(self) -> BatchingConfig:
+        return self._config
+
+    @property
+    def alive(self) -> bool:
+        """Accepting work, with a consumer that has not died."""
+        return self._accepting and self._consuming
+
+    @property
+    def _consuming(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    @property
+    def depth(self) -> int:
+        """Images admitted and not yet computed: being decoded, or queued."""
+        return self._reserved
+
+    @property
+    def queued(self) -> int:
+        """Images in the queue, ready for a batch."""
+        return self._queue.qsize()
+
+    async def start(self, warmup: list[In] | None = None) -> None:
+        """Run `warmup` through the model once on the inference thread, then start taking work."""
+        if self._task is not None:
+            raise RuntimeError("batcher already started")
+        if warmup:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, warmup)
+        self._task = asyncio.create_task(self._consume(), name=f"batcher-{self._name}")
+        self._task.add_done_callback(self._on_consumer_done)
+        self._accepting = True
+
+    def admit(self, count: int) -> Admission[In, Out]:
+        """Reserve room for `count` images, or refuse at once with 503."""
+        if not self.alive:
+            raise NotReady(f"model {self._name!r} is not accepting requests")
+        if self._reserved + count > self._config.max_queue_size:
+            raise QueueFull(
+                f"model {self._name!r} is at capacity ({self._config.max_queue_size} images queued); retry later"
+            )
+        self._reserved += count
+        self._idle.clear()
+        return Admission(self, count)
+
+    async def stop(self, timeout_s: float) -> None:
+        """Stop accepting, let queued work finish for up to `timeout_s`, then fail what is left."""
+        self._accepting = False
+        if self._task is not None and self._consuming:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._idle.wait()
+            except TimeoutError:
+                log.warning("model %r: drain timed out after %.1f s", self._name, timeout_s)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._fail_all(NotReady(f"model {self._name!r} is shutting down"))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- inside the batcher --------------------------------------------------------------------------------
+
+    def _enqueue(self, payload: In, deadline: float) -> asyncio.Future[Out]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Out] = loop.create_future()
+        self._queue.put_nowait(_Item(payload, future, deadline, loop.time()))
+        return future
+
+    def _release(self, count: int) -> None:
+        self._reserved -= count
+        self._update_idle()
+
+    def _update_idle(self) -> None:
+        if self._reserved == 0 and not self._running:
+            self._idle.set()
+
+    async def _consume(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            if not batch:
+                continue
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._checked_run, [i.payload for i in batch])
+            except Exception as exc:
+                self.stats.failed_batches += 1
+                log.exception("model %r: forward of a batch of %d failed", self._name, len(batch))
+                error = InferenceFailed("inference failed for this request's batch")
+                error.__cause__ = exc
+                for item in batch:
+                    _resolve(item.future, error=error)
+            else:
+                for item, output in zip(batch, outputs, strict=True):
+                    _resolve(item.future, result=output)
+            # Not in a `finally`: if the consumer is cancelled mid-batch, `_fail_all` resolves `_running`.
+            self._running = []
+            self._update_idle()
+
+    async def _collect(self) -> list[_Item[In, Out]]:
+        """Wait for a first item, then take more until the batch has enough live ones or its window has closed."""
+        # Every item taken off the queue is in `_running` at once, so that a stop (or a bug) mid-collection
+        # still resolves it; the ones that need no compute are filtered out at the end.
+        taken: list[_Item[In, Out]] = []
+        self._running = taken
+        first = await self._queue.get()
+        taken.append(first)
+        live = int(self._take(first))
+        window_end = first.enqueued_at + self._max_delay_s
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(window_end):
+                while live < self._config.max_batch_size:
+                    item = await self._queue.get()  # returns without suspending while items are queued
+                    taken.append(item)
+                    live += self._take(item)
+        taken[:] = [item for item in taken if not item.future.done()]
+        if taken:
+            self.stats.batches += 1
+            self.stats.images += len(taken)
+            self.stats.batch_sizes.append(len(taken))
+            del self.stats.batch_sizes[: -self._stats_history]
+        return taken
+
+    def _take(self, item: _Item[In, Out]) -> bool:
+        """Take an item off the queue; False when it needs no compute (its caller gave up or ran out of time)."""
+        self._reserved -= 1
+        if item.future.done():
+            self.stats.skipped_cancelled += 1
+            self._update_idle()
+            return False
+        if asyncio.get_running_loop().time() > item.deadline:
+            self.stats.expired += 1
+            _resolve(item.future, error=DeadlineExceeded("request deadline passed while queued"))
+            self._update_idle()
+            return False
+        return True
+
+    def _checked_run(self, payloads: list[In]) -> Sequence[Out]:
+        outputs = self._run_batch(payloads)
+        if len(outputs) != len(payloads):
+            raise RuntimeError(f"run_batch returned {len(outputs)} results for {len(payloads)} inputs")
+        return outputs
+
+    def _on_consumer_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        log.error("model %r: batch consumer died; the model is not ready", self._name, exc_info=exc)
+        self._accepting = False
+        self._fail_all(NotReady(f"model {self._name!r} stopped working"))
+
+    def _fail_all(self, error: ServeError) -> None:
+        for item in self._running:
+            _resolve(item.future, error=error)
+        self._running = []
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            self._reserved -= 1
+            _resolve(item.future, error=error)
+        self._update_idle()
+
+
+class Admission(Generic[In, Out]):
+    """Room reserved for one request's images; `submit` queues them, leaving the block releases what was unused."""
+
+    def __init__(self, batcher: Batcher[In, Out], count: int) -> None:
+        self._batcher = batcher
+        self._unused = count
+
+    def submit(self, payloads: Sequence[In], deadline: float) -> list[asyncio.Future[Out]]:
+        if len(payloads) > self._unused:
+            raise ValueError(f"admitted {self._unused} images, submitting {len(payloads)}")
+        if not self._batcher._consuming:  # a stop lets admitted requests in; a dead consumer does not
+            raise NotReady("model is not accepting requests")
+        self._unused -= len(payloads)
+        return [self._batcher._enqueue(p, deadline) for p in payloads]
+
+    def __enter__(self) -> Admission[In, Out]:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._unused:
+            self._batcher._release(self._unused)
+            self._unused = 0
+
+
+def _resolve(future: asyncio.Future[Out], *, result: Out | None = None, error: BaseException | None = None) -> None:
+    """Resolve a future unless its caller already gave up on it (Ray Serve PR #41199)."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]

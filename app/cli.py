@@ -1,0 +1,75 @@
+"""The `vit-serve` command. Settings are read here, once, from flags and `VIT_*` variables, then passed down."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, CliApp, CliSubCommand, SettingsConfigDict
+
+from app.api.app import create_app
+from app.engine import Engine
+from app.errors import ModelLoadError, describe_validation_error
+from app.settings import Settings
+
+log = logging.getLogger("app")
+
+
+class Serve(Settings):
+    """Load the models and serve them over HTTP until SIGINT/SIGTERM, then drain."""
+
+    def cli_cmd(self) -> None:
+        serve(self)
+
+
+class VitServe(BaseSettings):
+    """Vision Transformer image classification over HTTP. Every flag is also an environment variable VIT_<NAME>."""
+
+    model_config = SettingsConfigDict(
+        cli_prog_name="vit-serve",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_use_class_docs_for_groups=True,
+        env_prefix="VIT_CLI_",
+    )
+
+    serve: CliSubCommand[Serve]
+
+    def cli_cmd(self) -> None:
+        CliApp.run_subcommand(self)
+
+
+def serve(settings: Settings) -> None:
+    configure_logging(settings.log_level)
+    engine = Engine.load(settings)
+    app = create_app(settings, engine)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s),
+        server_header=False,
+    )
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        CliApp.run(VitServe, cli_args=args)
+    except ValidationError as exc:
+        sys.exit(f"vit-serve: invalid setting: {describe_validation_error(exc)}")
+    except ModelLoadError as exc:
+        sys.exit(f"vit-serve: {exc}")
+
+
+if __name__ == "__main__":
+    main()

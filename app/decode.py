@@ -1,0 +1,57 @@
+"""Stage 1, decode: encoded bytes -> an RGB PIL image, upright, with size checked before pixels are allocated."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from app.errors import BadRequest, InvalidImage, PayloadTooLarge, UnsupportedMediaType
+
+# PIL format names. The JPEG plugin also opens MPO, what many cameras and phones write (a JPEG with extra frames).
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+ACCEPTED_FORMATS_TEXT = "JPEG, PNG, WebP, BMP, GIF or TIFF"
+
+
+def decode(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Decode one image: the first frame, EXIF orientation applied, converted to RGB.
+
+    Raises a 4xx `ServeError` for anything that is not a decodable image within `max_pixels`.
+    """
+    if not data:
+        raise BadRequest("empty image", code="empty_image")
+    try:
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except UnidentifiedImageError as exc:
+        raise UnsupportedMediaType(
+            f"not an image in an accepted format ({ACCEPTED_FORMATS_TEXT})", code="unsupported_image_format"
+        ) from exc
+    except Image.DecompressionBombError as exc:
+        raise _too_many_pixels(max_pixels) from exc
+    except Exception as exc:  # a decoder fed untrusted bytes can raise anything; it is the image's fault
+        raise InvalidImage(f"cannot decode image: {_reason(exc)}") from exc
+    width, height = image.size
+    if width * height > max_pixels:
+        raise _too_many_pixels(max_pixels, width, height)
+    if width == 0 or height == 0:
+        raise InvalidImage("image has no pixels")
+    try:
+        image.load()
+        return ImageOps.exif_transpose(image).convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise _too_many_pixels(max_pixels) from exc
+    except Exception as exc:  # as above
+        raise InvalidImage(f"cannot decode {image.format} image: {_reason(exc)}") from exc
+    finally:
+        image.close()
+
+
+def _too_many_pixels(limit: int, width: int | None = None, height: int | None = None) -> PayloadTooLarge:
+    size = f" ({width}x{height})" if width is not None else ""
+    return PayloadTooLarge(f"image{size} is over the limit of {limit} pixels", code="image_too_large")
+
+
+def _reason(exc: BaseException) -> str:
+    """A short, safe description of a decoder error (PIL's messages name no paths for in-memory files)."""
+    text = str(exc).strip() or type(exc).__name__
+    return text[:200]

@@ -1,0 +1,184 @@
+"""The inference engine as a library: load models, then `await engine.classify(...)`; no HTTP below this line.
+
+engine = Engine.load(settings)
+async with engine:
+    predictions = await engine.classify([jpeg_bytes], top_k=5)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import TracebackType
+
+import torch
+
+from app import postprocess
+from app.device import resolve_device, resolve_dtype
+from app.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    InvalidParameter,
+    ModelNotFound,
+    PayloadTooLarge,
+    ServeError,
+)
+from app.loading import load_model
+from app.model_config import load_model_configs
+from app.postprocess import ImageOutput, Prediction
+from app.served_model import ServedModel
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOP_K = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_images_per_request: int
+    max_image_pixels: int
+    request_timeout_s: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(settings.max_images_per_request, settings.max_image_pixels, settings.request_timeout_s)
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    model: str
+    predictions: list[Prediction]
+
+
+class Engine:
+    """Several served models sharing one decode pool; the first model is the default."""
+
+    def __init__(self, models: Sequence[ServedModel], *, limits: Limits, decode_workers: int) -> None:
+        if not models:
+            raise ValueError("an engine needs at least one model")
+        self._models = {m.name: m for m in models}
+        self.default_model = models[0].name
+        self.limits = limits
+        self._decode_pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="decode")
+        self._started = False
+        self._stopping = False
+
+    @classmethod
+    def load(cls, settings: Settings) -> Engine:
+        """Read every named model's config and load its weights (blocking; raises `ModelLoadError`)."""
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
+        models = []
+        for config in load_model_configs(settings):
+            loaded = load_model(config, device=device, dtype=dtype, cache_dir=settings.weights_cache_dir)
+            batching = config.batching_config(settings.batching())
+            models.append(ServedModel(config.name, config.arch, loaded, device=device, dtype=dtype, batching=batching))
+            log.info("model %r loaded: %s, %s on %s", config.name, config.arch, loaded.weights_source, device)
+        return cls(models, limits=Limits.from_settings(settings), decode_workers=settings.resolved_decode_workers())
+
+    @property
+    def models(self) -> list[ServedModel]:
+        return list(self._models.values())
+
+    @property
+    def ready(self) -> bool:
+        return self._started and not self._stopping and all(m.ready for m in self._models.values())
+
+    def model(self, name: str | None = None) -> ServedModel:
+        try:
+            return self._models[name or self.default_model]
+        except KeyError:
+            raise ModelNotFound(f"no model named {name!r}; served: {', '.join(self._models)}") from None
+
+    async def start(self) -> None:
+        """Warm every model up (a forward at its largest batch size) and start its batcher."""
+        for model in self._models.values():
+            await model.start()
+            log.info("model %r warmed up and ready", model.name)
+        self._started = True
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Not ready from now on; finish what was accepted (bounded), then release the threads."""
+        self._stopping = True
+        await asyncio.gather(*(m.stop(timeout_s) for m in self._models.values()))
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def classify(
+        self,
+        images: Sequence[bytes],
+        *,
+        model: str | None = None,
+        top_k: int | None = None,
+        logits: bool = True,
+        timeout_s: float | None = None,
+    ) -> Classification:
+        """Classify encoded images, each its own batch item; one prediction per image, in order.
+
+        `top_k` defaults to 5, or every class for a model with fewer.
+        """
+        served = self.model(model)
+        k = min(DEFAULT_TOP_K, served.num_classes) if top_k is None else top_k
+        self._check_request(served, len(images), k)
+        timeout = self.limits.request_timeout_s if timeout_s is None else timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                outputs = await self._infer(served, images, deadline)
+        except TimeoutError:
+            raise DeadlineExceeded(f"request did not finish within {timeout:g} s") from None
+        predictions = [postprocess.top_k(o, k, served.labels, with_logits=logits) for o in outputs]
+        return Classification(served.name, predictions)
+
+    def _check_request(self, served: ServedModel, count: int, k: int) -> None:
+        if count == 0:
+            raise BadRequest("the request holds no image", code="no_image")
+        if count > self.limits.max_images_per_request:
+            raise PayloadTooLarge(
+                f"{count} images in one request; the limit is {self.limits.max_images_per_request}",
+                code="too_many_images",
+            )
+        if not 1 <= k <= served.num_classes:
+            raise InvalidParameter(f"top_k must be between 1 and {served.num_classes}, not {k}")
+
+    async def _infer(self, served: ServedModel, images: Sequence[bytes], deadline: float) -> list[ImageOutput]:
+        with served.batcher.admit(len(images)) as admission:  # 503 at once when full
+            tensors = await self._prepare_all(served, images)
+            futures = admission.submit(tensors, deadline)
+        try:
+            return await asyncio.gather(*futures)
+        finally:
+            for future in futures:  # after an error or a cancel, drop this request's other images
+                future.cancel()
+
+    async def _prepare_all(self, served: ServedModel, images: Sequence[bytes]) -> list[torch.Tensor]:
+        """Decode and preprocess every image in the pool, in parallel; the first bad image (in order) fails all."""
+        loop = asyncio.get_running_loop()
+        max_pixels = self.limits.max_image_pixels
+        results = await asyncio.gather(
+            *(loop.run_in_executor(self._decode_pool, served.prepare, data, max_pixels) for data in images),
+            return_exceptions=True,
+        )
+        tensors: list[torch.Tensor] = []
+        for index, result in enumerate(results):
+            if isinstance(result, ServeError):
+                raise result.at(index)
+            if isinstance(result, BaseException):
+                raise result
+            tensors.append(result)
+        return tensors

@@ -1,0 +1,97 @@
+"""The one typed settings object: every option is a command-line flag and a `VIT_<NAME>` environment variable."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Dtype = Literal["auto", "fp32", "fp16", "bf16"]
+
+
+MaxBatchSize = Annotated[PositiveInt, Field(description="Largest batch sent to the model.")]
+MaxQueueDelayMs = Annotated[
+    float, Field(ge=0, description="How long a batch waits for more images after its first one arrived.")
+]
+MaxQueueSize = Annotated[
+    PositiveInt, Field(description="Images admitted but not yet computed (being decoded or waiting); past it: 503.")
+]
+
+
+class BatchingConfig(BaseModel):
+    """Dynamic batching knobs: global settings, which a model's `[batching]` table overrides for that model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_batch_size: MaxBatchSize = 32
+    max_queue_delay_ms: MaxQueueDelayMs = 5.0
+    max_queue_size: MaxQueueSize = 256
+
+
+class Settings(BaseSettings):
+    """Everything the service reads from its environment, read once in the entry point and passed down."""
+
+    model_config = SettingsConfigDict(env_prefix="VIT_", extra="ignore")
+
+    max_batch_size: MaxBatchSize = 32
+    max_queue_delay_ms: MaxQueueDelayMs = 5.0
+    max_queue_size: MaxQueueSize = 256
+    host: str = Field("0.0.0.0", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
+    model_repository: Path = Field(Path("models"), description="Folder with one sub-folder per model.")
+    model: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["vit_b_16"],
+        description="Models to serve (repeatable or comma-separated); the first is the default model.",
+    )
+    weights: str | None = Field(
+        None,
+        description="Override the default model's weights: a torchvision weights name, a file, or 'random'.",
+    )
+    weights_cache_dir: Path | None = Field(
+        None, description="Where pretrained weights are downloaded to (default: torch hub's cache)."
+    )
+    device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
+    dtype: Dtype = Field("auto", description="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")
+    request_timeout_s: PositiveFloat = Field(30.0, description="A request past this answers 504.")
+    max_body_bytes: PositiveInt = Field(64 * 1024 * 1024, description="Largest request body, in bytes.")
+    max_images_per_request: PositiveInt = Field(64, description="Most images in one request.")
+    max_image_pixels: PositiveInt = Field(
+        40_000_000, description="Largest decoded image (width x height), checked before decoding."
+    )
+    decode_workers: int = Field(0, ge=0, description="Threads that decode and preprocess images (0: one per CPU core).")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default).")
+    drain_timeout_s: PositiveFloat = Field(
+        30.0, description="On shutdown, how long in-flight requests may take to finish."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _split_models(cls, value: Any) -> Any:
+        """Accept `a,b`, `["a", "b"]`, and repeated flags, each possibly comma-separated."""
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list | tuple):
+            names = [part.strip() for item in value for part in str(item).split(",")]
+            return [name for name in names if name]
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _at_least_one_model(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("name at least one model")
+        return value
+
+    def batching(self) -> BatchingConfig:
+        return BatchingConfig.model_validate(self.model_dump(include=set(BatchingConfig.model_fields)))
+
+    @property
+    def default_model(self) -> str:
+        return self.model[0]
+
+    def resolved_decode_workers(self) -> int:
+        return self.decode_workers or os.cpu_count() or 1

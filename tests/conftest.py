@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from app.api.app import create_app
+from app.engine import Engine
+from app.settings import Settings
+from tests.fakes import fake_engine
+
+ClientFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
+
+
+@asynccontextmanager
+async def serve_in_process(engine: Engine, settings: Settings | None = None) -> AsyncIterator[httpx.AsyncClient]:
+    """The real app over real ASGI, its lifespan run (warm-up, then drain on exit), in this event loop."""
+    app: FastAPI = create_app(settings or Settings(drain_timeout_s=5), engine)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client,
+    ):
+        yield client
+
+
+@pytest.fixture
+def serve() -> ClientFactory:
+    return serve_in_process
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with serve_in_process(fake_engine()) as client:
+        yield client

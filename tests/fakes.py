@@ -1,0 +1,145 @@
+"""Test doubles and builders: a deterministic fake ViT that records its batches, tiny real ViT folders, images."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.models.vision_transformer import VisionTransformer
+
+from app.engine import Engine, Limits
+from app.loading import LoadedModel
+from app.preprocess import PreprocessParams
+from app.served_model import ServedModel
+from app.settings import BatchingConfig
+
+FAKE_IMAGE_SIZE = 32
+FAKE_CLASSES = 10
+
+
+class FakeViT(nn.Module):
+    """Logits are a fixed linear map of each image's per-channel means: different images, different answers.
+
+    Records every batch size it sees; `gate` (when cleared) holds the forward so tests can build up a queue,
+    and `fail_next` makes the next forward raise.
+    """
+
+    def __init__(self, num_classes: int = FAKE_CLASSES) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(1234)
+        self.weight = nn.Parameter(torch.randn(3, num_classes, generator=generator), requires_grad=False)
+        self.batch_sizes: list[int] = []
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail_next = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batch_sizes.append(x.shape[0])
+        self.entered.set()
+        if not self.gate.wait(timeout=30):
+            raise RuntimeError("test gate never opened")
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("injected failure")
+        return x.mean(dim=(2, 3)) @ self.weight  # (n, 3, h, w) -> (n, 3) -> (n, num_classes)
+
+
+def fake_served_model(
+    name: str = "fake", *, module: FakeViT | None = None, batching: BatchingConfig | None = None
+) -> ServedModel:
+    module = module or FakeViT()
+    num_classes = module.weight.shape[1]
+    loaded = LoadedModel(
+        module=module,
+        labels=[f"class{i}" for i in range(num_classes)],
+        preprocess=PreprocessParams(crop_size=FAKE_IMAGE_SIZE, resize_size=36),
+        image_size=FAKE_IMAGE_SIZE,
+        weights_source="fake",
+        num_params=module.weight.numel(),
+    )
+    return ServedModel(
+        name,
+        "fake",
+        loaded,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        batching=batching or BatchingConfig(max_batch_size=8, max_queue_delay_ms=2, max_queue_size=64),
+    )
+
+
+def fake_engine(*models: ServedModel, limits: Limits | None = None) -> Engine:
+    return Engine(
+        list(models) or [fake_served_model()],
+        limits=limits or Limits(max_images_per_request=16, max_image_pixels=1_000_000, request_timeout_s=30),
+        decode_workers=2,
+    )
+
+
+def image_bytes(color: tuple[int, int, int], *, size: tuple[int, int] = (48, 40), fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def distinct_colors(n: int) -> list[tuple[int, int, int]]:
+    return [((37 * i) % 256, (91 * i + 40) % 256, (173 * i + 80) % 256) for i in range(n)]
+
+
+def tiny_vit(*, image_size: int = 32, num_classes: int = 10, seed: int = 0) -> VisionTransformer:
+    """A real torchvision ViT, small enough for a CPU test, with a random (not zero) head."""
+    torch.manual_seed(seed)
+    model = VisionTransformer(
+        image_size=image_size,
+        patch_size=8,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=32,
+        mlp_dim=64,
+        num_classes=num_classes,
+    )
+    nn.init.normal_(model.heads.head.weight, std=0.5)  # torchvision zero-initialises the head: all logits 0
+    return model.eval()
+
+
+def write_model_folder(
+    repository: Path,
+    name: str,
+    model: VisionTransformer,
+    *,
+    labels: list[str] | None = None,
+    extra: str = "",
+    weights_file: str = "weights.pth",
+) -> Path:
+    """Save `model` as a state_dict in `repository/name/` with a model.toml describing it."""
+    folder = repository / name
+    folder.mkdir(parents=True, exist_ok=True)
+    if weights_file.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(model.state_dict(), str(folder / weights_file))
+    else:
+        torch.save(model.state_dict(), folder / weights_file)
+    labels = labels or [f"label {i}" for i in range(model.num_classes)]
+    (folder / "labels.txt").write_text("\n".join(labels) + "\n")
+    (folder / "model.toml").write_text(
+        f'arch = "vit"\nweights = "{weights_file}"\nlabels = "labels.txt"\n{extra}\n'
+        "[arch_params]\n"
+        f"image_size = {model.image_size}\npatch_size = {model.patch_size}\nnum_layers = {len(model.encoder.layers)}\n"
+        f"num_heads = {model.encoder.layers[0].num_heads}\nhidden_dim = {model.hidden_dim}\n"
+        f"mlp_dim = {model.mlp_dim}\n"
+    )
+    return folder
+
+
+async def wait_until(condition: Callable[[], bool], *, timeout_s: float = 10.0) -> None:
+    """Wait, bounded, for a condition another task or thread makes true (not a timing assumption)."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110 - the condition is set by threads and plain attributes
+            await asyncio.sleep(0.005)
