@@ -26,7 +26,7 @@ def decode(data: bytes, *, max_pixels: int) -> Image.Image:
         raise UnsupportedMediaType(
             f"not an image in an accepted format ({ACCEPTED_FORMATS_TEXT})", code="unsupported_image_format"
         ) from exc
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # the warning when -W error
         raise _too_many_pixels(max_pixels) from exc
     except Exception as exc:  # a decoder fed untrusted bytes can raise anything; it is the image's fault
         raise InvalidImage(f"cannot decode image: {_reason(exc)}") from exc
@@ -37,7 +37,11 @@ def decode(data: bytes, *, max_pixels: int) -> Image.Image:
         raise InvalidImage("image has no pixels")
     try:
         image.load()
-        return ImageOps.exif_transpose(image).convert("RGB")
+        upright = ImageOps.exif_transpose(image)
+        if upright.mode == "P" and "transparency" in upright.info:
+            # Same RGB values as a direct convert, without PIL's warning about palette transparency.
+            upright = upright.convert("RGBA")
+        return upright.convert("RGB")
     except Image.DecompressionBombError as exc:
         raise _too_many_pixels(max_pixels) from exc
     except Exception as exc:  # as above

@@ -40,17 +40,19 @@ def load_model(
 ) -> LoadedModel:
     labels = load_labels(config)
     pretrained = _pretrained_weights(config)
-    module = _build(config, num_classes=len(labels), pretrained=pretrained)
     if config.weights == RANDOM:
+        module = _random_model(config, num_classes=len(labels))
         log.warning("model %r serves RANDOM weights: its predictions are meaningless", config.name)
         source = RANDOM
-    elif pretrained is not None:
-        _load_state_dict(config, module, _download(config, pretrained, cache_dir))
-        source = f"torchvision:{config.arch}.{pretrained.name}"
     else:
-        path = config.resolve(config.weights)
-        _load_state_dict(config, module, _read_state_dict(config, path))
-        source = str(path)
+        module = _build(config, num_classes=len(labels), pretrained=pretrained)
+        if pretrained is not None:
+            _load_state_dict(config, module, _download(config, pretrained, cache_dir))
+            source = f"torchvision:{config.arch}.{pretrained.name}"
+        else:
+            path = config.resolve(config.weights)
+            _load_state_dict(config, module, _read_state_dict(config, path))
+            source = str(path)
     image_size = int(getattr(module, "image_size", 224))
     params = _preprocess_params(config, pretrained, image_size)
     if params.crop_size != image_size:
@@ -101,6 +103,18 @@ def _build(config: ModelConfig, *, num_classes: int, pretrained: Weights | None)
             )
     built: nn.Module = get_model(config.arch, weights=None, **kwargs)
     return built
+
+
+def _random_model(config: ModelConfig, *, num_classes: int) -> nn.Module:
+    """Seeded, so every replica and restart serves the same random model; the head is drawn too, since
+    torchvision initialises it to zeros (every logit 0), which would hide whether images reach the model."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        module = _build(config, num_classes=num_classes, pretrained=None)
+        for layer in module.modules():
+            if isinstance(layer, nn.Linear) and layer.out_features == num_classes:
+                nn.init.normal_(layer.weight, std=0.5)
+    return module
 
 
 def _download(config: ModelConfig, weights: Weights, cache_dir: Path | None) -> dict[str, torch.Tensor]:

@@ -375,3 +375,55 @@ async def test_openapi_documents_the_real_request_bodies(client: httpx.AsyncClie
     assert {"image/*", "application/octet-stream", "multipart/form-data", "application/json"} <= set(body)
     assert "images" in body["application/json"]["schema"]["properties"]
     assert (await client.get("/docs")).status_code == 200
+
+
+async def test_a_client_that_disconnects_has_its_queued_image_dropped(serve: ClientFactory) -> None:
+    """Raw ASGI, so the disconnect is real: the body arrives, then `http.disconnect` while the image is queued."""
+    model = FakeViT()
+    batching = BatchingConfig(max_batch_size=4, max_queue_delay_ms=0, max_queue_size=8)
+    async with serve(fake_engine(fake_served_model(module=model, batching=batching))) as client:
+        app = client._transport.app  # type: ignore[attr-defined]
+        served = app.state.engine.model()
+        model.batch_sizes.clear()
+        model.gate.clear()
+        model.entered.clear()
+        held = asyncio.create_task(post_image(client, RED))
+        assert await asyncio.to_thread(model.entered.wait, 10)
+
+        gone = asyncio.Event()
+        messages = [{"type": "http.request", "body": image_bytes((0, 0, 255)), "more_body": False}]
+        sent: list[dict[str, object]] = []
+
+        async def receive() -> dict[str, object]:
+            if messages:
+                return messages.pop(0)
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/classify",
+            "raw_path": b"/v1/classify",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"content-type", b"image/png"), (b"host", b"test")],
+            "client": ("127.0.0.1", 1),
+            "server": ("test", 80),
+        }
+        call = asyncio.create_task(app(scope, receive, send))
+        await wait_until(lambda: served.batcher.queued == 1)
+        gone.set()
+        await asyncio.wait_for(call, 10)
+        model.gate.set()
+        assert (await held).status_code == 200
+        assert (await post_image(client, RED)).status_code == 200
+    assert sent[0]["status"] == 499
+    assert model.batch_sizes == [1, 1]  # the held image and the last one: the abandoned image never ran
+    assert served.batcher.stats.skipped_cancelled == 1
