@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,9 +31,29 @@ Out = TypeVar("Out")
 @dataclass(slots=True, eq=False)
 class _Item(Generic[In, Out]):
     payload: In
-    future: asyncio.Future[Out]
+    future: asyncio.Future[Completed[Out]]
     deadline: float
     enqueued_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Completed(Generic[Out]):
+    """One item's result and where its time went."""
+
+    value: Out
+    queue_wait_s: float  # from entering the queue to its batch starting
+    batch_s: float  # its batch's `run_batch`, on the inference thread
+    batch_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRecord:
+    """What one batch did, for metrics."""
+
+    size: int
+    queue_waits_s: list[float]
+    run_s: float
+    failed: bool
 
 
 @dataclass(slots=True)
@@ -57,8 +78,10 @@ class Batcher(Generic[In, Out]):
         *,
         name: str = "model",
         stats_history: int = 1024,
+        on_batch: Callable[[BatchRecord], None] | None = None,
     ) -> None:
         self._run_batch = run_batch
+        self._on_batch = on_batch
         self._config = config
         self._name = name
         self._max_delay_s = config.max_queue_delay_ms / 1000
@@ -135,9 +158,9 @@ class Batcher(Generic[In, Out]):
 
     # -- inside the batcher --------------------------------------------------------------------------------
 
-    def _enqueue(self, payload: In, deadline: float) -> asyncio.Future[Out]:
+    def _enqueue(self, payload: In, deadline: float) -> asyncio.Future[Completed[Out]]:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Out] = loop.create_future()
+        future: asyncio.Future[Completed[Out]] = loop.create_future()
         self._queue.put_nowait(_Item(payload, future, deadline, loop.time()))
         return future
 
@@ -155,8 +178,12 @@ class Batcher(Generic[In, Out]):
             batch = await self._collect()
             if not batch:
                 continue
+            started = loop.time()
+            waits = [started - item.enqueued_at for item in batch]
             try:
-                outputs = await loop.run_in_executor(self._executor, self._checked_run, [i.payload for i in batch])
+                outputs, run_s = await loop.run_in_executor(
+                    self._executor, self._checked_run, [i.payload for i in batch]
+                )
             except Exception as exc:
                 self.stats.failed_batches += 1
                 log.exception("model %r: forward of a batch of %d failed", self._name, len(batch))
@@ -164,9 +191,11 @@ class Batcher(Generic[In, Out]):
                 error.__cause__ = exc
                 for item in batch:
                     _resolve(item.future, error=error)
+                self._record(BatchRecord(len(batch), waits, loop.time() - started, failed=True))
             else:
-                for item, output in zip(batch, outputs, strict=True):
-                    _resolve(item.future, result=output)
+                for item, output, wait in zip(batch, outputs, waits, strict=True):
+                    _resolve(item.future, result=Completed(output, wait, run_s, len(batch)))
+                self._record(BatchRecord(len(batch), waits, run_s, failed=False))
             # Not in a `finally`: if the consumer is cancelled mid-batch, `_fail_all` resolves `_running`.
             self._running = []
             self._update_idle()
@@ -209,11 +238,21 @@ class Batcher(Generic[In, Out]):
             return False
         return True
 
-    def _checked_run(self, payloads: list[In]) -> Sequence[Out]:
+    def _checked_run(self, payloads: list[In]) -> tuple[Sequence[Out], float]:
+        """On the inference thread: the batch function, its duration, and a check of one result per input."""
+        started = time.perf_counter()
         outputs = self._run_batch(payloads)
+        elapsed = time.perf_counter() - started
         if len(outputs) != len(payloads):
             raise RuntimeError(f"run_batch returned {len(outputs)} results for {len(payloads)} inputs")
-        return outputs
+        return outputs, elapsed
+
+    def _record(self, record: BatchRecord) -> None:
+        if self._on_batch is not None:
+            try:
+                self._on_batch(record)
+            except Exception:  # an observer's bug must not stop the batcher
+                log.exception("model %r: batch observer failed", self._name)
 
     def _on_consumer_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -241,7 +280,7 @@ class Admission(Generic[In, Out]):
         self._batcher = batcher
         self._unused = count
 
-    def submit(self, payloads: Sequence[In], deadline: float) -> list[asyncio.Future[Out]]:
+    def submit(self, payloads: Sequence[In], deadline: float) -> list[asyncio.Future[Completed[Out]]]:
         if len(payloads) > self._unused:
             raise ValueError(f"admitted {self._unused} images, submitting {len(payloads)}")
         if not self._batcher._consuming:  # a stop lets admitted requests in; a dead consumer does not
@@ -260,7 +299,9 @@ class Admission(Generic[In, Out]):
             self._unused = 0
 
 
-def _resolve(future: asyncio.Future[Out], *, result: Out | None = None, error: BaseException | None = None) -> None:
+def _resolve(
+    future: asyncio.Future[Completed[Out]], *, result: Completed[Out] | None = None, error: BaseException | None = None
+) -> None:
     """Resolve a future unless its caller already gave up on it (Ray Serve PR #41199)."""
     if future.done():
         return

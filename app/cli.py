@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import uvicorn
@@ -12,9 +11,8 @@ from pydantic_settings import BaseSettings, CliApp, CliSubCommand, SettingsConfi
 from app.api.app import create_app
 from app.engine import Engine
 from app.errors import ModelLoadError, describe_validation_error
+from app.logs import configure_logging
 from app.settings import Settings
-
-log = logging.getLogger("app")
 
 
 class Serve(Settings):
@@ -42,22 +40,17 @@ class VitServe(BaseSettings):
 
 
 def serve(settings: Settings) -> None:
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     engine = Engine.load(settings)
     app = create_app(settings, engine)
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
-        log_level=settings.log_level,
+        log_config=None,  # configured above: one format for every logger
+        access_log=False,  # the telemetry middleware writes one richer line per request
         timeout_graceful_shutdown=int(settings.drain_timeout_s),
         server_header=False,
-    )
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
 
 

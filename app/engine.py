@@ -8,15 +8,20 @@ async with engine:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Protocol
 
 import torch
 
 from app import postprocess
+from app.batcher import BatchRecord, Completed
 from app.device import resolve_device, resolve_dtype
 from app.errors import (
     BadRequest,
@@ -29,7 +34,7 @@ from app.errors import (
 from app.loading import load_model
 from app.model_config import load_model_configs
 from app.postprocess import ImageOutput, Prediction
-from app.served_model import ServedModel
+from app.served_model import ModelInfo, ServedModel
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,9 +54,28 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class Timings:
+    """Where one request's time went, in seconds: its images decoded in parallel, then the slowest image's wait
+    in the queue and its batch's forward."""
+
+    preprocess_s: float = 0.0
+    queue_wait_s: float = 0.0
+    inference_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class Classification:
     model: str
     predictions: list[Prediction]
+    timings: Timings = field(default_factory=Timings)
+
+
+class EngineObserver(Protocol):
+    """What the engine reports as it works (the metrics module implements it)."""
+
+    def image_prepared(self, model: str, seconds: float) -> None: ...
+
+    def batch_done(self, model: str, record: BatchRecord) -> None: ...
 
 
 class Engine:
@@ -66,6 +90,7 @@ class Engine:
         self._decode_pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="decode")
         self._started = False
         self._stopping = False
+        self._observer: EngineObserver | None = None
 
     @classmethod
     def load(cls, settings: Settings) -> Engine:
@@ -78,9 +103,27 @@ class Engine:
         for config in load_model_configs(settings):
             loaded = load_model(config, device=device, dtype=dtype, cache_dir=settings.weights_cache_dir)
             batching = config.batching_config(settings.batching())
-            models.append(ServedModel(config.name, config.arch, loaded, device=device, dtype=dtype, batching=batching))
-            log.info("model %r loaded: %s, %s on %s", config.name, config.arch, loaded.weights_source, device)
+            model = ServedModel(config.name, config.arch, loaded, device=device, dtype=dtype, batching=batching)
+            models.append(model)
+            info = model.info()
+            log.info(
+                "model %r loaded: %s, weights %s, %s %s, %d parameters, batching %s",
+                info.name,
+                info.arch,
+                info.weights,
+                info.device,
+                info.dtype,
+                info.num_params,
+                info.batching,
+                extra={"fields": _startup_fields(info)},
+            )
         return cls(models, limits=Limits.from_settings(settings), decode_workers=settings.resolved_decode_workers())
+
+    def observe(self, observer: EngineObserver) -> None:
+        """Report preprocessing times and every batch to `observer` from now on."""
+        self._observer = observer
+        for model in self._models.values():
+            model.on_batch = functools.partial(observer.batch_done, model.name)
 
     @property
     def models(self) -> list[ServedModel]:
@@ -99,8 +142,17 @@ class Engine:
     async def start(self) -> None:
         """Warm every model up (a forward at its largest batch size) and start its batcher."""
         for model in self._models.values():
+            started = time.perf_counter()
             await model.start()
-            log.info("model %r warmed up and ready", model.name)
+            seconds = time.perf_counter() - started
+            batch = model.batcher.config.max_batch_size
+            log.info(
+                "model %r warmed up (batch of %d) in %.2f s; ready",
+                model.name,
+                batch,
+                seconds,
+                extra={"fields": {"model": model.name, "warmup_batch": batch, "warmup_s": round(seconds, 3)}},
+            )
         self._started = True
 
     async def stop(self, timeout_s: float = 30.0) -> None:
@@ -139,11 +191,16 @@ class Engine:
         deadline = loop.time() + timeout
         try:
             async with asyncio.timeout_at(deadline):
-                outputs = await self._infer(served, images, deadline)
+                completed, preprocess_s = await self._infer(served, images, deadline)
         except TimeoutError:
             raise DeadlineExceeded(f"request did not finish within {timeout:g} s") from None
-        predictions = [postprocess.top_k(o, k, served.labels, with_logits=logits) for o in outputs]
-        return Classification(served.name, predictions)
+        predictions = [postprocess.top_k(c.value, k, served.labels, with_logits=logits) for c in completed]
+        timings = Timings(
+            preprocess_s=preprocess_s,
+            queue_wait_s=max(c.queue_wait_s for c in completed),
+            inference_s=max(c.batch_s for c in completed),
+        )
+        return Classification(served.name, predictions, timings)
 
     def _check_request(self, served: ServedModel, count: int, k: int) -> None:
         if count == 0:
@@ -156,12 +213,16 @@ class Engine:
         if not 1 <= k <= served.num_classes:
             raise InvalidParameter(f"top_k must be between 1 and {served.num_classes}, not {k}")
 
-    async def _infer(self, served: ServedModel, images: Sequence[bytes], deadline: float) -> list[ImageOutput]:
+    async def _infer(
+        self, served: ServedModel, images: Sequence[bytes], deadline: float
+    ) -> tuple[list[Completed[ImageOutput]], float]:
         with served.batcher.admit(len(images)) as admission:  # 503 at once when full
+            started = time.perf_counter()
             tensors = await self._prepare_all(served, images)
+            preprocess_s = time.perf_counter() - started
             futures = admission.submit(tensors, deadline)
         try:
-            return await asyncio.gather(*futures)
+            return list(await asyncio.gather(*futures)), preprocess_s
         finally:
             for future in futures:  # after an error or a cancel, drop this request's other images
                 future.cancel()
@@ -171,7 +232,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         max_pixels = self.limits.max_image_pixels
         results = await asyncio.gather(
-            *(loop.run_in_executor(self._decode_pool, served.prepare, data, max_pixels) for data in images),
+            *(loop.run_in_executor(self._decode_pool, _timed_prepare, served, data, max_pixels) for data in images),
             return_exceptions=True,
         )
         tensors: list[torch.Tensor] = []
@@ -180,5 +241,21 @@ class Engine:
                 raise result.at(index)
             if isinstance(result, BaseException):
                 raise result
-            tensors.append(result)
+            tensor, seconds = result
+            if self._observer is not None:
+                self._observer.image_prepared(served.name, seconds)
+            tensors.append(tensor)
         return tensors
+
+
+def _startup_fields(info: ModelInfo) -> dict[str, object]:
+    fields = dataclasses.asdict(info)
+    fields["model"] = fields.pop("name")
+    del fields["ready"]
+    return fields
+
+
+def _timed_prepare(served: ServedModel, data: bytes, max_pixels: int) -> tuple[torch.Tensor, float]:
+    started = time.perf_counter()
+    tensor = served.prepare(data, max_pixels)
+    return tensor, time.perf_counter() - started

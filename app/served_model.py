@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from app.batcher import Batcher
+from app.batcher import Batcher, BatchRecord
 from app.decode import decode
 from app.device import dtype_name
 from app.loading import LoadedModel
@@ -53,7 +54,14 @@ class ServedModel:
         self._preprocessor = build_preprocessor(loaded.preprocess)
         self._device = device
         self._dtype = dtype
-        self.batcher: Batcher[torch.Tensor, ImageOutput] = Batcher(self.forward, batching, name=name)
+        self.on_batch: Callable[[BatchRecord], None] | None = None
+        self.batcher: Batcher[torch.Tensor, ImageOutput] = Batcher(
+            self.forward, batching, name=name, on_batch=self._batch_done
+        )
+
+    def _batch_done(self, record: BatchRecord) -> None:
+        if self.on_batch is not None:
+            self.on_batch(record)
 
     @property
     def num_classes(self) -> int:

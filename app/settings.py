@@ -67,6 +67,7 @@ class Settings(BaseSettings):
         30.0, description="On shutdown, how long in-flight requests may take to finish."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_format: Literal["json", "text"] = Field("json", description="Logs as one JSON object a line, or plain text.")
 
     @field_validator("model", mode="before")
     @classmethod

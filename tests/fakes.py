@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import torch
 from PIL import Image
 from torch import nn
@@ -39,6 +40,17 @@ class FakeViT(nn.Module):
         self.gate = threading.Event()
         self.gate.set()
         self.fail_next = False
+
+    def hold(self) -> None:
+        """The next forward waits at the gate until `release`."""
+        self.gate.clear()
+        self.entered.clear()
+
+    def release(self) -> None:
+        self.gate.set()
+
+    async def wait_until_in_forward(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, 10), "the model was never called"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.batch_sizes.append(x.shape[0])
@@ -80,6 +92,12 @@ def fake_engine(*models: ServedModel, limits: Limits | None = None) -> Engine:
         limits=limits or Limits(max_images_per_request=16, max_image_pixels=1_000_000, request_timeout_s=30),
         decode_workers=2,
     )
+
+
+def served_model_of(client: httpx.AsyncClient, name: str | None = None) -> ServedModel:
+    """The served model behind an in-process test client."""
+    engine: Engine = client._transport.app.state.engine  # type: ignore[attr-defined]
+    return engine.model(name)
 
 
 def image_bytes(color: tuple[int, int, int], *, size: tuple[int, int] = (48, 40), fmt: str = "PNG") -> bytes:

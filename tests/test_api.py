@@ -22,6 +22,7 @@ from tests.fakes import (
     fake_engine,
     fake_served_model,
     image_bytes,
+    served_model_of,
     wait_until,
 )
 
@@ -122,18 +123,17 @@ async def test_concurrent_requests_are_batched_together_and_each_gets_its_own_an
     batching = BatchingConfig(max_batch_size=6, max_queue_delay_ms=0, max_queue_size=64)
     async with serve(fake_engine(fake_served_model(module=model, batching=batching))) as client:
         model.batch_sizes.clear()  # forget the warm-up
-        model.gate.clear()
-        model.entered.clear()
+        model.hold()
         # One request occupies the model; six more arrive meanwhile, three of them as one 2-image request.
         first = asyncio.create_task(post_image(client, RED))
-        assert await asyncio.to_thread(model.entered.wait, 10)
+        await model.wait_until_in_forward()
         colors = distinct_colors(7)
         singles = [asyncio.create_task(post_image(client, image_bytes(c))) for c in colors[:4]]
         pair_files = [("f", (f"{i}.png", image_bytes(c), "image/png")) for i, c in enumerate(colors[4:6])]
         pair = asyncio.create_task(client.post("/v1/classify", files=pair_files))
-        engine_model = client._transport.app.state.engine.model()  # type: ignore[attr-defined]
+        engine_model = served_model_of(client)
         await wait_until(lambda: engine_model.batcher.queued == 6)
-        model.gate.set()
+        model.release()
         responses = await asyncio.gather(first, *singles, pair)
     assert [r.status_code for r in responses] == [200] * 6
     # The first batch held one image; the other six waited and went through as ONE batch.
@@ -306,18 +306,17 @@ async def test_a_full_queue_answers_503_with_retry_after_at_once(serve: ClientFa
     model = FakeViT()
     batching = BatchingConfig(max_batch_size=1, max_queue_delay_ms=0, max_queue_size=2)
     async with serve(fake_engine(fake_served_model(module=model, batching=batching))) as client:
-        model.gate.clear()
-        model.entered.clear()
+        model.hold()
         running = asyncio.create_task(post_image(client, RED))
-        assert await asyncio.to_thread(model.entered.wait, 10)
+        await model.wait_until_in_forward()
         queued = [asyncio.create_task(post_image(client, RED)) for _ in range(2)]
-        served = client._transport.app.state.engine.model()  # type: ignore[attr-defined]
+        served = served_model_of(client)
         await wait_until(lambda: served.batcher.depth == 2)
         response = await post_image(client, RED)
         assert response.status_code == 503
         assert response.json()["code"] == "queue_full"
         assert response.headers["Retry-After"] == "1"
-        model.gate.set()
+        model.release()
         assert [r.status_code for r in await asyncio.gather(running, *queued)] == [200, 200, 200]
 
 
@@ -327,14 +326,13 @@ async def test_a_request_past_its_deadline_gets_504_and_its_image_is_never_compu
     batching = BatchingConfig(max_batch_size=1, max_queue_delay_ms=0, max_queue_size=8)
     async with serve(fake_engine(fake_served_model(module=model, batching=batching), limits=limits)) as client:
         model.batch_sizes.clear()
-        model.gate.clear()
-        model.entered.clear()
+        model.hold()
         first = asyncio.create_task(post_image(client, RED))
-        assert await asyncio.to_thread(model.entered.wait, 10)
+        await model.wait_until_in_forward()
         late = await post_image(client, image_bytes((0, 0, 255)))  # waits behind the held forward
         assert late.status_code == 504
         assert late.json()["code"] == "deadline_exceeded"
-        model.gate.set()
+        model.release()
         assert (await first).status_code == 504  # it too ran out of time while held
         assert (await post_image(client, RED)).status_code == 200
     assert model.batch_sizes == [1, 1]  # the held one and the last one; the late image was dropped
@@ -385,10 +383,9 @@ async def test_a_client_that_disconnects_has_its_queued_image_dropped(serve: Cli
         app = client._transport.app  # type: ignore[attr-defined]
         served = app.state.engine.model()
         model.batch_sizes.clear()
-        model.gate.clear()
-        model.entered.clear()
+        model.hold()
         held = asyncio.create_task(post_image(client, RED))
-        assert await asyncio.to_thread(model.entered.wait, 10)
+        await model.wait_until_in_forward()
 
         gone = asyncio.Event()
         messages = [{"type": "http.request", "body": image_bytes((0, 0, 255)), "more_body": False}]
@@ -421,7 +418,7 @@ async def test_a_client_that_disconnects_has_its_queued_image_dropped(serve: Cli
         await wait_until(lambda: served.batcher.queued == 1)
         gone.set()
         await asyncio.wait_for(call, 10)
-        model.gate.set()
+        model.release()
         assert (await held).status_code == 200
         assert (await post_image(client, RED)).status_code == 200
     assert sent[0]["status"] == 499

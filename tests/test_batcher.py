@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from app.batcher import Batcher
+from app.batcher import Batcher, BatchRecord, Completed
 from app.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
 from app.settings import BatchingConfig
 from tests.fakes import wait_until
@@ -41,13 +41,17 @@ def make(recorder: Recorder, **config: float) -> Batcher[int, int]:
     return Batcher(recorder, BatchingConfig.model_validate(values), name="test")
 
 
-def submit(batcher: Batcher[int, int], items: list[int], deadline: float = FAR) -> list[asyncio.Future[int]]:
+def submit(batcher: Batcher[int, int], items: list[int], deadline: float = FAR) -> list[asyncio.Future[Completed[int]]]:
     loop_deadline = asyncio.get_running_loop().time() + deadline
     with batcher.admit(len(items)) as admission:
         return admission.submit(items, loop_deadline)
 
 
-async def hold_first_batch(batcher: Batcher[int, int], recorder: Recorder) -> asyncio.Future[int]:
+async def values(*futures: asyncio.Future[Completed[int]]) -> list[int]:
+    return [completed.value for completed in await asyncio.gather(*futures)]
+
+
+async def hold_first_batch(batcher: Batcher[int, int], recorder: Recorder) -> asyncio.Future[Completed[int]]:
     """Occupy the inference thread with a batch of one, so that later items wait in the queue."""
     recorder.gate.clear()
     recorder.entered.clear()
@@ -62,7 +66,7 @@ async def test_size_trigger_sends_a_full_batch_without_waiting_for_the_window() 
     await batcher.start()
     futures = submit(batcher, [1, 2, 3, 4])
     async with asyncio.timeout(10):  # the 60 s window must not be waited out
-        assert await asyncio.gather(*futures) == [10, 20, 30, 40]
+        assert await values(*futures) == [10, 20, 30, 40]
     assert recorder.batches == [[1, 2, 3, 4]]
     await batcher.stop(1)
 
@@ -73,7 +77,7 @@ async def test_time_trigger_sends_a_partial_batch_when_the_window_closes() -> No
     await batcher.start()
     futures = submit(batcher, [1, 2]) + submit(batcher, [3])
     async with asyncio.timeout(10):
-        assert await asyncio.gather(*futures) == [10, 20, 30]
+        assert await values(*futures) == [10, 20, 30]
     assert recorder.batches == [[1, 2, 3]]
     assert batcher.stats.batch_sizes == [3]
     await batcher.stop(1)
@@ -87,8 +91,8 @@ async def test_items_queued_during_a_forward_form_the_next_batches() -> None:
     later = [submit(batcher, [i])[0] for i in (1, 2, 3, 4, 5)]
     recorder.gate.set()
     async with asyncio.timeout(10):
-        assert await first == 0
-        assert await asyncio.gather(*later) == [10, 20, 30, 40, 50]
+        assert (await first).value == 0
+        assert await values(*later) == [10, 20, 30, 40, 50]
     # Even with no wait window, what queued up behind a forward goes in as full batches as possible.
     assert recorder.batches == [[0], [1, 2, 3], [4, 5]]
     await batcher.stop(1)
@@ -112,7 +116,7 @@ async def test_cancelled_item_is_skipped_and_the_rest_of_its_batch_runs() -> Non
     b.cancel()
     recorder.gate.set()
     async with asyncio.timeout(10):
-        assert await asyncio.gather(a, c, d) == [10, 30, 40]
+        assert await values(a, c, d) == [10, 30, 40]
     assert [2 in batch for batch in recorder.batches] == [False, False]
     assert recorder.batches[1] == [1, 3, 4]
     assert batcher.stats.skipped_cancelled == 1
@@ -130,7 +134,7 @@ async def test_an_exception_fails_every_request_of_its_batch_and_the_loop_goes_o
     assert isinstance(results[0].__cause__, ValueError)
     (after,) = submit(batcher, [5])
     async with asyncio.timeout(10):
-        assert await after == 50
+        assert (await after).value == 50
     assert batcher.alive
     assert batcher.stats.failed_batches == 1
     await batcher.stop(1)
@@ -160,7 +164,7 @@ async def test_queue_full_refuses_at_once_and_frees_room_as_items_are_taken() ->
         await asyncio.gather(first, *queued)
     assert batcher.depth == 0
     (again,) = submit(batcher, [4])
-    assert await again == 40
+    assert (await again).value == 40
     await batcher.stop(1)
 
 
@@ -184,8 +188,8 @@ async def test_an_item_past_its_deadline_is_not_computed() -> None:
     recorder.gate.set()
     with pytest.raises(DeadlineExceeded):
         await expired
-    assert await alive == 20
-    assert await first == 0
+    assert (await alive).value == 20
+    assert (await first).value == 0
     assert all(1 not in batch for batch in recorder.batches)
     assert batcher.stats.expired == 1
     await batcher.stop(1)
@@ -203,8 +207,8 @@ async def test_stop_drains_queued_work_before_returning() -> None:
         batcher.admit(1)  # no new work once stopping
     recorder.gate.set()
     await stopping
-    assert await first == 0
-    assert [f.result() for f in queued] == [10, 20, 30]
+    assert (await first).value == 0
+    assert [f.result().value for f in queued] == [10, 20, 30]
 
 
 async def test_stop_after_its_timeout_fails_everything_still_pending() -> None:
@@ -231,10 +235,31 @@ async def test_a_dead_consumer_fails_pending_work_and_is_not_alive() -> None:
 
     batcher._take = broken  # type: ignore[method-assign]
     recorder.gate.set()
-    assert await first == 0
+    assert (await first).value == 0
     with pytest.raises(NotReady):
         await queued
     assert not batcher.alive
     with pytest.raises(NotReady):
         batcher.admit(1)
+    await batcher.stop(1)
+
+
+async def test_results_say_where_their_time_went_and_an_observer_sees_every_batch() -> None:
+    recorder = Recorder()
+    records: list[BatchRecord] = []
+    config = BatchingConfig(max_batch_size=2, max_queue_delay_ms=0, max_queue_size=8)
+    batcher: Batcher[int, int] = Batcher(recorder, config, name="test", on_batch=records.append)
+    await batcher.start(warmup=[0])  # warm-up is not a served batch: not reported
+    first = await hold_first_batch(batcher, recorder)
+    queued = submit(batcher, [1, 2])
+    recorder.gate.set()
+    completed = await asyncio.gather(*queued)
+    held = await first
+    assert [c.batch_size for c in completed] == [2, 2] and held.batch_size == 1
+    # The pair waited in the queue while the held batch ran.
+    assert all(c.queue_wait_s > 0 for c in completed) and held.batch_s > 0
+    recorder.poison = 3
+    await asyncio.gather(*submit(batcher, [3]), return_exceptions=True)
+    assert [(r.size, len(r.queue_waits_s), r.failed) for r in records] == [(1, 1, False), (2, 2, False), (1, 1, True)]
+    assert records[1].run_s == completed[0].batch_s
     await batcher.stop(1)

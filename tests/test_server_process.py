@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 from PIL import Image
 from skimage import data as skdata
@@ -105,11 +106,17 @@ def test_the_shipped_repository_serves_vit_b_16_with_random_weights() -> None:
         wait_ready(process, url)
         info = httpx.get(f"{url}/v1/models/vit_b_16").json()
         assert info["weights"] == "random" and info["num_params"] == 86_567_656
-        response = httpx.post(f"{url}/v1/classify?logits=false", content=chelsea_jpeg(), timeout=60)
+        response = httpx.post(
+            f"{url}/v1/classify?logits=false", content=chelsea_jpeg(), headers={"X-Request-ID": "smoke-1"}, timeout=60
+        )
         assert response.status_code == 200 and response.json()["model"] == "vit_b_16"
+        assert 'vit_images_total{model="vit_b_16"} 1.0' in httpx.get(f"{url}/metrics").text
     finally:
         output = stop(process)
     assert "serves RANDOM weights" in output
+    access = [orjson.loads(line) for line in output.splitlines() if '"logger":"app.access"' in line]
+    assert [(a["path"], a["status"]) for a in access] == [("/v1/models/vit_b_16", 200), ("/v1/classify", 200)]
+    assert access[1]["request_id"] == "smoke-1" and access[1]["images"] == 1 and access[1]["inference_ms"] > 0
 
 
 def test_without_network_the_default_model_fails_at_start_with_what_to_do(tmp_path: Path) -> None:

@@ -8,10 +8,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
-from app.api import classify, models, probes
+from app.api import classify, models, probes, prometheus
 from app.api.body_limit import BodyLimitMiddleware
 from app.api.error_handlers import install_error_handlers
+from app.api.telemetry import TelemetryMiddleware
 from app.engine import Engine
+from app.metrics import Metrics
 from app.settings import Settings
 
 
@@ -34,8 +36,10 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     )
     app.state.engine = engine
     app.state.settings = settings
+    app.state.metrics = metrics = Metrics(engine)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(TelemetryMiddleware, metrics=metrics)  # outermost: it sees every answer
     install_error_handlers(app)
-    for module in (classify, models, probes):
+    for module in (classify, models, probes, prometheus):
         app.include_router(module.router)
     return app

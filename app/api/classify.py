@@ -8,10 +8,11 @@ from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
 from app.api.bodies import read_images
+from app.api.dependencies import ModelName
 from app.api.disconnect import until_disconnected
 from app.api.responses import JSONResponse
 from app.api.schemas import ERROR_RESPONSES, IMAGE_BODY_DOC, ClassifyResponse
-from app.engine import DEFAULT_TOP_K, Classification, Engine
+from app.engine import DEFAULT_TOP_K, Classification, Engine, Timings
 
 router = APIRouter(tags=["classify"])
 T = TypeVar("T")
@@ -27,24 +28,41 @@ _ROUTE: dict[str, Any] = {
 
 
 @router.post("/v1/classify", summary="Classify images with the default model", **_ROUTE)
-async def classify_default(request: Request, top_k: TopK = None, logits: Logits = None) -> Response:
-    return await classify(request, None, top_k, logits)
+async def classify_default(request: Request, model: ModelName, top_k: TopK = None, logits: Logits = None) -> Response:
+    return await classify(request, model, top_k, logits)
 
 
 @router.post("/v1/models/{name}/classify", summary="Classify images with a named model", **_ROUTE)
-async def classify_with(request: Request, name: str, top_k: TopK = None, logits: Logits = None) -> Response:
-    return await classify(request, name, top_k, logits)
+async def classify_with(
+    request: Request, name: str, model: ModelName, top_k: TopK = None, logits: Logits = None
+) -> Response:
+    return await classify(request, model, top_k, logits)
 
 
-async def classify(request: Request, name: str | None, top_k: int | None, logits: bool | None) -> Response:
+async def classify(request: Request, name: str, top_k: int | None, logits: bool | None) -> Response:
     engine: Engine = request.app.state.engine
-    engine.model(name)  # 404 before reading the body
     body = await read_images(request, max_images=engine.limits.max_images_per_request)
+    request.state.log_fields = {"images": len(body.images)}
     k = body.top_k if body.top_k is not None else top_k
     with_logits = _first_given(body.logits, logits, True)
     work = engine.classify(body.images, model=name, top_k=k, logits=with_logits)
     result = await until_disconnected(request, work)
-    return JSONResponse(classification_body(result))
+    request.state.log_fields.update(timing_fields(result.timings))
+    return JSONResponse(classification_body(result), headers={"Server-Timing": server_timing(result.timings)})
+
+
+def timing_fields(timings: Timings) -> dict[str, float]:
+    return {
+        "preprocess_ms": round(timings.preprocess_s * 1000, 3),
+        "queue_wait_ms": round(timings.queue_wait_s * 1000, 3),
+        "inference_ms": round(timings.inference_s * 1000, 3),
+    }
+
+
+def server_timing(timings: Timings) -> str:
+    """The Server-Timing header (durations in ms), which browser dev tools and `curl -i` show."""
+    parts = (("preprocess", timings.preprocess_s), ("queue", timings.queue_wait_s), ("inference", timings.inference_s))
+    return ", ".join(f"{name};dur={seconds * 1000:.3f}" for name, seconds in parts)
 
 
 def classification_body(result: Classification) -> dict[str, Any]:

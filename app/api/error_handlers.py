@@ -10,7 +10,8 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from app.api.responses import JSONResponse
-from app.errors import InferenceFailed, ServeError, Unavailable
+from app.errors import InferenceFailed, InvalidParameter, ServeError, Unavailable
+from app.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,12 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _unexpected_error)
 
 
+def _count_rejection(request: Request, error: ServeError) -> None:
+    metrics: Metrics | None = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.request_rejected(getattr(request.state, "model", ""), error)
+
+
 def error_response(status: int, message: str, code: str, *, index: int | None = None) -> JSONResponse:
     body: dict[str, object] = {"error": message, "code": code}
     if index is not None:
@@ -32,6 +39,7 @@ def error_response(status: int, message: str, code: str, *, index: int | None = 
 
 
 async def _serve_error(request: Request, exc: ServeError) -> Response:
+    _count_rejection(request, exc)
     if isinstance(exc, InferenceFailed):
         log.error("%s %s: %s", request.method, request.url.path, exc.message, exc_info=exc.__cause__)
     response = error_response(exc.status, exc.message, exc.code, index=exc.index)
@@ -44,7 +52,9 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     where = " ".join(str(part) for part in first["loc"])
-    return error_response(422, f"{where}: {first['msg']}".strip(": "), "invalid_parameter")
+    error = InvalidParameter(f"{where}: {first['msg']}".strip(": "))
+    _count_rejection(request, error)
+    return error_response(error.status, error.message, error.code)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -57,4 +67,5 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error in %s %s", request.method, request.url.path)
+    _count_rejection(request, ServeError("internal error"))
     return error_response(500, "internal server error", "internal_error")

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from app.api.dependencies import ModelName
 from app.api.responses import JSONResponse
 from app.api.schemas import ERROR_RESPONSES, ModelInfo, ModelList
 from app.engine import Engine
@@ -28,8 +29,8 @@ async def list_models(request: Request) -> Response:
     responses={404: ERROR_RESPONSES[404]},
     summary="Describe a model",
 )
-async def get_model(request: Request, name: str) -> Response:
-    return JSONResponse(_info(request.app.state.engine, name))
+async def get_model(request: Request, name: str, model: ModelName) -> Response:
+    return JSONResponse(_info(request.app.state.engine, model))
 
 
 def _info(engine: Engine, name: str) -> dict[str, Any]:

@@ -1,0 +1,158 @@
+"""Every Prometheus metric of the service, declared here and only here, in a registry of its own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import ClassVar
+
+import torch
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from app.batcher import BatchRecord
+from app.engine import Engine
+from app.errors import (
+    ClientDisconnected,
+    DeadlineExceeded,
+    NotReady,
+    QueueFull,
+    ServeError,
+)
+
+# Sub-millisecond to a minute: a probe, a CPU forward of ViT-B at batch 1, a loaded queue, a timeout.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1,
+    0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0,
+)  # fmt: skip
+
+REJECTION_REASONS = ("queue_full", "deadline", "cancelled", "invalid_input", "not_ready", "error")
+
+
+class Metrics:
+    """The service's metrics for one engine. An `EngineObserver`: the engine reports batches and decode times."""
+
+    def __init__(self, engine: Engine, registry: CollectorRegistry | None = None) -> None:
+        # No `*_created` series: they double the series count and no dashboard here reads them. (Process-wide.)
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "vit_requests", "HTTP requests answered, by route and status.", ["model", "endpoint", "code"], registry=r
+        )
+        self.request_duration = Histogram(
+            "vit_request_duration_seconds",
+            "End-to-end request time as the server sees it.",
+            ["model", "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inflight = Gauge("vit_inflight_requests", "HTTP requests being handled now.", registry=r)
+        self.images = Counter("vit_images", "Images run through the model.", ["model"], registry=r)
+        self.queue_depth = Gauge(
+            "vit_queue_depth", "Images admitted and not yet computed (being decoded or queued).", ["model"], registry=r
+        )
+        self.queue_wait = Histogram(
+            "vit_queue_wait_seconds",
+            "Per image: time in the queue until its batch started.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.preprocess = Histogram(
+            "vit_preprocess_seconds",
+            "Per image: decode and preprocess, on a decode thread.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference = Histogram(
+            "vit_inference_seconds",
+            "Per batch: the forward pass, including host/device copies.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        largest = max(m.batcher.config.max_batch_size for m in engine.models)
+        self.batch_size = Histogram(
+            "vit_batch_size",
+            "Images per batch sent to the model (a bucket for every size).",
+            ["model"],
+            buckets=[float(size) for size in range(1, largest + 1)],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "vit_rejected", "Requests not answered with a result, by reason.", ["model", "reason"], registry=r
+        )
+        self.model_ready = Gauge(
+            "vit_model_ready", "1 when the model is loaded, warmed and serving.", ["model"], registry=r
+        )
+        for model in engine.models:
+            name = model.name
+            self.queue_depth.labels(name).set_function(lambda m=model: m.batcher.depth)  # type: ignore[misc]
+            self.model_ready.labels(name).set_function(lambda m=model: float(m.ready))  # type: ignore[misc]
+            for family in (self.images, self.queue_wait, self.preprocess, self.inference, self.batch_size):
+                family.labels(name)  # every series exists from the start, at zero
+            for reason in REJECTION_REASONS:
+                self.rejected.labels(name, reason)
+        ProcessCollector(registry=r)
+        r.register(CudaMemoryCollector())
+        engine.observe(self)
+
+    def image_prepared(self, model: str, seconds: float) -> None:
+        self.preprocess.labels(model).observe(seconds)
+
+    def batch_done(self, model: str, record: BatchRecord) -> None:
+        self.batch_size.labels(model).observe(record.size)
+        self.inference.labels(model).observe(record.run_s)
+        queue_wait = self.queue_wait.labels(model)
+        for wait in record.queue_waits_s:
+            queue_wait.observe(wait)
+        if not record.failed:
+            self.images.labels(model).inc(record.size)
+
+    def request_rejected(self, model: str, error: ServeError) -> None:
+        self.rejected.labels(model, rejection_reason(error)).inc()
+
+
+def rejection_reason(error: ServeError) -> str:
+    if isinstance(error, QueueFull):
+        return "queue_full"
+    if isinstance(error, DeadlineExceeded):
+        return "deadline"
+    if isinstance(error, ClientDisconnected):
+        return "cancelled"
+    if isinstance(error, NotReady):
+        return "not_ready"
+    if error.status < 500:
+        return "invalid_input"
+    return "error"
+
+
+class CudaMemoryCollector(Collector):
+    """Device memory per CUDA device, read at scrape time; nothing where there is no GPU."""
+
+    FAMILIES: ClassVar[dict[str, tuple[str, Callable[[int], int]]]] = {
+        "vit_cuda_memory_allocated_bytes": ("Device memory held by tensors.", torch.cuda.memory_allocated),
+        "vit_cuda_memory_reserved_bytes": ("Device memory held by PyTorch's allocator.", torch.cuda.memory_reserved),
+        "vit_cuda_memory_peak_allocated_bytes": (
+            "Most device memory held by tensors since start.",
+            torch.cuda.max_memory_allocated,
+        ),
+    }
+
+    def collect(self) -> Iterator[Metric]:
+        if not torch.cuda.is_available() or not torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+            return
+        for name, (documentation, read) in self.FAMILIES.items():
+            family = GaugeMetricFamily(name, documentation, labels=["device"])
+            for index in range(torch.cuda.device_count()):
+                family.add_metric([f"cuda:{index}"], read(index))
+            yield family
