@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 
 from app import postprocess
-from app.batcher import BatchRecord, Completed
+from app.batcher import BatchRecord
 from app.device import resolve_device, resolve_dtype
 from app.errors import (
     BadRequest,
@@ -61,6 +61,15 @@ class Timings:
     preprocess_s: float = 0.0
     queue_wait_s: float = 0.0
     inference_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Inference:
+    """The model's raw outputs for a request's images, in order."""
+
+    model: str
+    outputs: list[ImageOutput]
+    timings: Timings
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,24 +194,44 @@ class Engine:
         """
         served = self.model(model)
         k = min(DEFAULT_TOP_K, served.num_classes) if top_k is None else top_k
-        self._check_request(served, len(images), k)
-        timeout = self.limits.request_timeout_s if timeout_s is None else timeout_s
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        try:
-            async with asyncio.timeout_at(deadline):
-                completed, preprocess_s = await self._infer(served, images, deadline)
-        except TimeoutError:
-            raise DeadlineExceeded(f"request did not finish within {timeout:g} s") from None
-        predictions = [postprocess.top_k(c.value, k, served.labels, with_logits=logits) for c in completed]
-        timings = Timings(
-            preprocess_s=preprocess_s,
-            queue_wait_s=max(c.queue_wait_s for c in completed),
-            inference_s=max(c.batch_s for c in completed),
-        )
-        return Classification(served.name, predictions, timings)
+        if not 1 <= k <= served.num_classes:
+            raise InvalidParameter(f"top_k must be between 1 and {served.num_classes}, not {k}")
+        inference = await self.infer(images, model=served.name, timeout_s=timeout_s)
+        predictions = [postprocess.top_k(o, k, served.labels, with_logits=logits) for o in inference.outputs]
+        return Classification(served.name, predictions, inference.timings)
 
-    def _check_request(self, served: ServedModel, count: int, k: int) -> None:
+    async def infer(
+        self, images: Sequence[bytes], *, model: str | None = None, timeout_s: float | None = None
+    ) -> Inference:
+        """Encoded images -> the model's outputs, one per image, in order (decoded and preprocessed here)."""
+        served = self.model(model)
+        return await self._run(served, len(images), lambda: self._prepare_all(served, images), timeout_s)
+
+    async def infer_pixels(
+        self, pixels: torch.Tensor, *, model: str | None = None, timeout_s: float | None = None
+    ) -> Inference:
+        """Already-preprocessed images, (n, 3, h, w) float32 at the model's input size -> the model's outputs."""
+        served = self.model(model)
+        expected = served.input_shape
+        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != expected:
+            raise BadRequest(
+                f"pixels must have shape [N, {', '.join(map(str, expected))}], not {list(pixels.shape)}",
+                code="invalid_shape",
+            )
+
+        async def split() -> list[torch.Tensor]:
+            return list(pixels.float().unbind(0))
+
+        return await self._run(served, pixels.shape[0], split, timeout_s)
+
+    async def _run(
+        self,
+        served: ServedModel,
+        count: int,
+        prepare: Callable[[], Awaitable[list[torch.Tensor]]],
+        timeout_s: float | None,
+    ) -> Inference:
+        """The one request path: limits, admission, prepare, the batcher, a deadline over all of it."""
         if count == 0:
             raise BadRequest("the request holds no image", code="no_image")
         if count > self.limits.max_images_per_request:
@@ -210,22 +239,28 @@ class Engine:
                 f"{count} images in one request; the limit is {self.limits.max_images_per_request}",
                 code="too_many_images",
             )
-        if not 1 <= k <= served.num_classes:
-            raise InvalidParameter(f"top_k must be between 1 and {served.num_classes}, not {k}")
-
-    async def _infer(
-        self, served: ServedModel, images: Sequence[bytes], deadline: float
-    ) -> tuple[list[Completed[ImageOutput]], float]:
-        with served.batcher.admit(len(images)) as admission:  # 503 at once when full
-            started = time.perf_counter()
-            tensors = await self._prepare_all(served, images)
-            preprocess_s = time.perf_counter() - started
-            futures = admission.submit(tensors, deadline)
+        timeout = self.limits.request_timeout_s if timeout_s is None else min(timeout_s, self.limits.request_timeout_s)
+        deadline = asyncio.get_running_loop().time() + timeout
         try:
-            return list(await asyncio.gather(*futures)), preprocess_s
-        finally:
-            for future in futures:  # after an error or a cancel, drop this request's other images
-                future.cancel()
+            async with asyncio.timeout_at(deadline):
+                with served.batcher.admit(count) as admission:  # 503 at once when full
+                    started = time.perf_counter()
+                    tensors = await prepare()
+                    preprocess_s = time.perf_counter() - started
+                    futures = admission.submit(tensors, deadline)
+                try:
+                    completed = await asyncio.gather(*futures)
+                finally:
+                    for future in futures:  # after an error or a cancel, drop this request's other images
+                        future.cancel()
+        except TimeoutError:
+            raise DeadlineExceeded(f"request did not finish within {timeout:g} s") from None
+        timings = Timings(
+            preprocess_s=preprocess_s,
+            queue_wait_s=max(c.queue_wait_s for c in completed),
+            inference_s=max(c.batch_s for c in completed),
+        )
+        return Inference(served.name, [c.value for c in completed], timings)
 
     async def _prepare_all(self, served: ServedModel, images: Sequence[bytes]) -> list[torch.Tensor]:
         """Decode and preprocess every image in the pool, in parallel; the first bad image (in order) fails all."""

@@ -68,6 +68,16 @@ class ServedModel:
         return len(self.labels)
 
     @property
+    def on_gpu(self) -> bool:
+        return self._device.type == "cuda"
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """One preprocessed image: (3, h, w)."""
+        size = self._loaded.image_size
+        return (3, size, size)
+
+    @property
     def ready(self) -> bool:
         return self.batcher.alive
 

@@ -2,85 +2,23 @@
 
 from __future__ import annotations
 
-import io
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import orjson
 import pytest
-from PIL import Image
-from skimage import data as skdata
 
-from tests.fakes import tiny_vit, write_model_folder
+from tests.processes import chelsea_jpeg, free_port, start, stop, tiny_server_process, wait_ready
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(args: list[str], *, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    command = [str(Path(sys.executable).parent / "vit-serve"), "serve", "--host", "127.0.0.1", *args]
-    return subprocess.Popen(
-        command, cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
-def wait_ready(process: subprocess.Popen[str], url: str, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(
-                f"server exited with {process.returncode}: {process.stdout.read() if process.stdout else ''}"
-            )
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("server did not become ready")
-
-
-def stop(process: subprocess.Popen[str]) -> str:
-    """SIGTERM, as Kubernetes sends it: the server drains, shuts its lifespan down, and exits by that signal
-    (uvicorn re-raises it after a graceful shutdown, so the exit status is -SIGTERM, not 0)."""
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=60)
-    assert process.returncode in (0, -signal.SIGTERM), output
-    assert "Application shutdown complete" in output
-    return output
-
-
-def chelsea_jpeg() -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(skdata.chelsea()).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
 @pytest.fixture
 def tiny_server(tmp_path: Path) -> Iterator[str]:
-    write_model_folder(tmp_path, "tiny", tiny_vit(image_size=64, num_classes=10))
-    port = free_port()
-    process = start(["--model-repository", str(tmp_path), "--model", "tiny", "--port", str(port)], cwd=tmp_path)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(process, url)
+    with tiny_server_process(tmp_path) as url:
         yield url
-    finally:
-        if process.poll() is None:
-            stop(process)
 
 
 def test_the_server_process_classifies_over_tcp_and_survives_bad_input(tiny_server: str) -> None:
@@ -100,10 +38,10 @@ def test_the_shipped_repository_serves_vit_b_16_with_random_weights() -> None:
     """What `VIT_WEIGHTS=random make run` does on a machine with no network."""
     port = free_port()
     env = {"VIT_WEIGHTS": "random", "VIT_MAX_BATCH_SIZE": "1", "VIT_PORT": str(port)}
-    process = start([], cwd=REPO, env=env)
+    server = start([], cwd=REPO, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(process, url)
+        wait_ready(server, url)
         info = httpx.get(f"{url}/v1/models/vit_b_16").json()
         assert info["weights"] == "random" and info["num_params"] == 86_567_656
         response = httpx.post(
@@ -112,7 +50,7 @@ def test_the_shipped_repository_serves_vit_b_16_with_random_weights() -> None:
         assert response.status_code == 200 and response.json()["model"] == "vit_b_16"
         assert 'vit_images_total{model="vit_b_16"} 1.0' in httpx.get(f"{url}/metrics").text
     finally:
-        output = stop(process)
+        output = stop(server)
     assert "serves RANDOM weights" in output
     access = [orjson.loads(line) for line in output.splitlines() if '"logger":"app.access"' in line]
     assert [(a["path"], a["status"]) for a in access] == [("/v1/models/vit_b_16", 200), ("/v1/classify", 200)]
@@ -126,9 +64,9 @@ def test_without_network_the_default_model_fails_at_start_with_what_to_do(tmp_pa
     env = {"VIT_WEIGHTS_CACHE_DIR": str(cache), "VIT_PORT": str(port), "VIT_MODEL": "vit_b_32"}
     # Point torch.hub at an address that refuses at once, so the test never depends on this machine's network.
     env |= {"HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
-    process = start([], cwd=REPO, env=env)
-    output, _ = process.communicate(timeout=120)
-    assert process.returncode == 1
+    server = start([], cwd=REPO, env=env)
+    output = server.wait(timeout_s=120)
+    assert server.process.returncode == 1
     last = output.strip().splitlines()[-1]
     assert last.startswith("vit-serve: model 'vit_b_32': cannot download pretrained weights vit_b_32.IMAGENET1K_V1")
     assert "`random` for a smoke test" in last

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
-from app.api import classify, models, probes, prometheus
+from app.api import classify, models, oip, probes, prometheus
 from app.api.body_limit import BodyLimitMiddleware
 from app.api.error_handlers import install_error_handlers
 from app.api.telemetry import TelemetryMiddleware
@@ -40,6 +40,6 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(TelemetryMiddleware, metrics=metrics)  # outermost: it sees every answer
     install_error_handlers(app)
-    for module in (classify, models, probes, prometheus):
+    for module in (classify, models, probes, prometheus, oip):
         app.include_router(module.router)
     return app

@@ -12,7 +12,8 @@ from app.api.dependencies import ModelName
 from app.api.disconnect import until_disconnected
 from app.api.responses import JSONResponse
 from app.api.schemas import ERROR_RESPONSES, IMAGE_BODY_DOC, ClassifyResponse
-from app.engine import DEFAULT_TOP_K, Classification, Engine, Timings
+from app.api.timing import server_timing, timing_fields
+from app.engine import DEFAULT_TOP_K, Classification, Engine
 
 router = APIRouter(tags=["classify"])
 T = TypeVar("T")
@@ -49,20 +50,6 @@ async def classify(request: Request, name: str, top_k: int | None, logits: bool 
     result = await until_disconnected(request, work)
     request.state.log_fields.update(timing_fields(result.timings))
     return JSONResponse(classification_body(result), headers={"Server-Timing": server_timing(result.timings)})
-
-
-def timing_fields(timings: Timings) -> dict[str, float]:
-    return {
-        "preprocess_ms": round(timings.preprocess_s * 1000, 3),
-        "queue_wait_ms": round(timings.queue_wait_s * 1000, 3),
-        "inference_ms": round(timings.inference_s * 1000, 3),
-    }
-
-
-def server_timing(timings: Timings) -> str:
-    """The Server-Timing header (durations in ms), which browser dev tools and `curl -i` show."""
-    parts = (("preprocess", timings.preprocess_s), ("queue", timings.queue_wait_s), ("inference", timings.inference_s))
-    return ", ".join(f"{name};dur={seconds * 1000:.3f}" for name, seconds in parts)
 
 
 def classification_body(result: Classification) -> dict[str, Any]:

@@ -1,0 +1,123 @@
+"""The Open Inference Protocol (KServe v2) routes, on the same port and through the same batcher as `/v1`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from app import __version__
+from app.api.disconnect import until_disconnected
+from app.api.responses import JSONResponse
+from app.api.schemas import ERROR_RESPONSES
+from app.api.timing import server_timing, timing_fields
+from app.engine import Engine
+from app.errors import BadRequest
+from app.oip.inference import InferRequestBody, parse_request, run
+from app.oip.models import OipModel, resolve
+
+router = APIRouter(tags=["open inference protocol (v2)"])
+
+# Exactly what is implemented; `statistics`, `model_repository` and shared memory are not.
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
+HEADER_LENGTH = "inference-header-content-length"
+
+
+def oip_model(request: Request) -> OipModel:
+    """`{name}` (and `{version}`) of the path -> the model; 404 if unknown, noted for logs and metrics."""
+    params = request.path_params
+    model = resolve(request.app.state.engine, params["name"], params.get("version"))
+    request.state.model = model.served.name
+    return model
+
+
+Model = Annotated[OipModel, Depends(oip_model)]
+MODEL_PATHS = ("/v2/models/{name}", "/v2/models/{name}/versions/{version}")
+
+
+@router.get("/v2", summary="Server metadata")
+async def server_metadata() -> Response:
+    return JSONResponse({"name": "vit-serve", "version": __version__, "extensions": EXTENSIONS})
+
+
+@router.get("/v2/health/live", summary="Server live")
+async def server_live() -> Response:
+    return JSONResponse({"live": True})
+
+
+@router.get("/v2/health/ready", summary="Server ready (200) or not (400, as the protocol says)")
+async def server_ready(request: Request) -> Response:
+    engine: Engine = request.app.state.engine
+    return _readiness(engine.ready)
+
+
+def model_metadata(model: Model) -> Response:
+    return JSONResponse(model.metadata())
+
+
+def model_ready(model: Model) -> Response:
+    return _readiness(model.served.ready)
+
+
+def model_config(request: Request, model: Model) -> Response:
+    engine: Engine = request.app.state.engine
+    return JSONResponse(model.config(max_request_batch=engine.limits.max_images_per_request))
+
+
+INFER_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": (
+            "An OIP inference request: JSON, or JSON followed by binary tensor data "
+            "(Inference-Header-Content-Length gives the JSON's length; 0 means the whole body is the one input)."
+        ),
+        "content": {
+            "application/json": {"schema": InferRequestBody.model_json_schema()},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+async def infer(request: Request, model: Model) -> Response:
+    engine: Engine = request.app.state.engine
+    parsed = parse_request(await request.body(), _header_length(request), model)
+    inference, response = await until_disconnected(request, run(engine, model, parsed))
+    request.state.log_fields = {"images": len(inference.outputs), **timing_fields(inference.timings)}
+    headers = {"Server-Timing": server_timing(inference.timings)}
+    if not response.is_binary:
+        return Response(response.header, media_type="application/json", headers=headers)
+    headers["Inference-Header-Content-Length"] = str(len(response.header))
+    body = b"".join([response.header, *response.binary])
+    return Response(body, media_type="application/octet-stream", headers=headers)
+
+
+for path in MODEL_PATHS:
+    router.add_api_route(path, model_metadata, methods=["GET"], summary="Model metadata", responses=ERROR_RESPONSES)
+    router.add_api_route(f"{path}/ready", model_ready, methods=["GET"], summary="Model ready (200) or not (400)")
+    router.add_api_route(
+        f"{path}/config", model_config, methods=["GET"], summary="Model configuration (Triton's extension)"
+    )
+    router.add_api_route(
+        f"{path}/infer",
+        infer,
+        methods=["POST"],
+        summary="Inference",
+        responses=ERROR_RESPONSES,
+        openapi_extra=INFER_DOC,
+    )
+
+
+def _readiness(ready: bool) -> Response:
+    return JSONResponse({"ready": ready}, status_code=200 if ready else 400)
+
+
+def _header_length(request: Request) -> int | None:
+    value = request.headers.get(HEADER_LENGTH)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise BadRequest(f"Inference-Header-Content-Length must be an integer, not {value[:20]!r}") from None

@@ -1,0 +1,103 @@
+"""Real `vit-serve` processes for tests: start on a free port, wait until ready, stop with SIGTERM."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import httpx
+from PIL import Image
+from skimage import data as skdata
+
+from tests.fakes import tiny_vit, write_model_folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """A server process and the file its stdout and stderr go to. A file, not a pipe: a pipe that nobody reads
+    fills up after 64 KiB of log lines and then blocks the server's logging, and with it the event loop."""
+
+    process: subprocess.Popen[bytes]
+    log: IO[str]
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def wait(self, timeout_s: float) -> str:
+        """Wait for the process to exit; its whole output."""
+        self.process.wait(timeout=timeout_s)
+        output = self.output()
+        self.log.close()
+        return output
+
+
+def start(args: list[str], *, cwd: Path, env: dict[str, str] | None = None) -> ServerProcess:
+    command = [str(Path(sys.executable).parent / "vit-serve"), "serve", "--host", "127.0.0.1", *args]
+    log = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115  (closed by ServerProcess.wait)
+    process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **(env or {})}, stdout=log, stderr=log)
+    return ServerProcess(process, log)
+
+
+def wait_ready(server: ServerProcess, url: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise AssertionError(f"server exited with {server.process.returncode}: {server.output()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("server did not become ready")
+
+
+def stop(server: ServerProcess) -> str:
+    """SIGTERM, as Kubernetes sends it: the server drains, shuts its lifespan down, and exits by that signal
+    (uvicorn re-raises it after a graceful shutdown, so the exit status is -SIGTERM, not 0)."""
+    server.process.send_signal(signal.SIGTERM)
+    output = server.wait(timeout_s=60)
+    assert server.process.returncode in (0, -signal.SIGTERM), output
+    assert "Application shutdown complete" in output
+    return output
+
+
+def chelsea_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(skdata.chelsea()).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@contextmanager
+def tiny_server_process(repository: Path, *args: str) -> Iterator[str]:
+    """A real server process serving a tiny real ViT ("tiny", 64x64 input, 10 classes); yields its URL."""
+    write_model_folder(repository, "tiny", tiny_vit(image_size=64, num_classes=10))
+    port = free_port()
+    server = start(
+        ["--model-repository", str(repository), "--model", "tiny", "--port", str(port), *args], cwd=repository
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(server, url)
+        yield url
+    finally:
+        if server.process.poll() is None:
+            stop(server)
