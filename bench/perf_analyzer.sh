@@ -5,7 +5,7 @@
 #   bench/perf_analyzer.sh [HOST:PORT] [MODEL] [CONCURRENCY_RANGE]     (defaults: 127.0.0.1:8000 vit_b_16 1:16:3)
 #
 # perf_analyzer is taken from $PERF_ANALYZER, else from PATH (pip install perf-analyzer==2.60.0, on a system with
-# glibc 2.38+), else from ../shared/tools/perf_analyzer (which runs it on older systems). Extra perf_analyzer
+# glibc 2.38+), else bench/perf_analyzer_debian12.sh runs PyPI's binary on Debian 12 (glibc 2.36). Extra perf_analyzer
 # options go in $PA_ARGS (e.g. PA_ARGS="-b 4"), the measurement window in $PA_INTERVAL_MS (default 3000); JPEGs for the
 # IMAGE input in $PA_IMAGES (default: a real photograph).
 set -euo pipefail
@@ -17,8 +17,7 @@ python=${PYTHON:-python3}
 
 if [[ -n ${PERF_ANALYZER:-} ]]; then pa=$PERF_ANALYZER
 elif command -v perf_analyzer >/dev/null; then pa=perf_analyzer
-elif [[ -x $here/../../shared/tools/perf_analyzer ]]; then pa=$here/../../shared/tools/perf_analyzer
-else echo "perf_analyzer not found: set PERF_ANALYZER or pip install perf-analyzer==2.60.0" >&2; exit 2
+else pa=$here/perf_analyzer_debian12.sh
 fi
 
 work=$(mktemp -d)
