@@ -12,6 +12,7 @@ from app.api.app import create_app
 from app.engine import Engine
 from app.errors import ModelLoadError, describe_validation_error
 from app.logs import configure_logging
+from app.server import Server
 from app.settings import Settings
 
 
@@ -42,16 +43,16 @@ class VitServe(BaseSettings):
 def serve(settings: Settings) -> None:
     configure_logging(settings.log_level, settings.log_format)
     engine = Engine.load(settings)
-    app = create_app(settings, engine)
-    uvicorn.run(
-        app,
+    config = uvicorn.Config(
+        create_app(settings, engine),
         host=settings.host,
         port=settings.port,
         log_config=None,  # configured above: one format for every logger
         access_log=False,  # the telemetry middleware writes one richer line per request
-        timeout_graceful_shutdown=int(settings.drain_timeout_s),
+        timeout_graceful_shutdown=None,  # the server's own watchdog bounds the whole drain
         server_header=False,
     )
+    Server(config, engine=engine, drain_timeout_s=settings.drain_timeout_s).run()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,6 +28,7 @@ from app.errors import (
     DeadlineExceeded,
     InvalidParameter,
     ModelNotFound,
+    NotReady,
     PayloadTooLarge,
     ServeError,
 )
@@ -164,6 +165,14 @@ class Engine:
             )
         self._started = True
 
+    def begin_shutdown(self) -> None:
+        """Not ready from now on, and new requests are refused with 503; what was accepted goes on to the end."""
+        self._stopping = True
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
     async def stop(self, timeout_s: float = 30.0) -> None:
         """Not ready from now on; finish what was accepted (bounded), then release the threads."""
         self._stopping = True
@@ -232,6 +241,8 @@ class Engine:
         timeout_s: float | None,
     ) -> Inference:
         """The one request path: limits, admission, prepare, the batcher, a deadline over all of it."""
+        if self._stopping:
+            raise NotReady("the service is shutting down; send this request to another replica")
         if count == 0:
             raise BadRequest("the request holds no image", code="no_image")
         if count > self.limits.max_images_per_request:

@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     decode_workers: int = Field(0, ge=0, description="Threads that decode and preprocess images (0: one per CPU core).")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default).")
     drain_timeout_s: PositiveFloat = Field(
-        30.0, description="On shutdown, how long in-flight requests may take to finish."
+        30.0, description="On SIGTERM, how long the whole drain may take; past it the process exits at once (status 1)."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_format: Literal["json", "text"] = Field("json", description="Logs as one JSON object a line, or plain text.")

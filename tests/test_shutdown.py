@@ -1,0 +1,192 @@
+"""Graceful, bounded shutdown: in-process semantics, and a real process drained under load with nothing lost."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from tests.conftest import ClientFactory
+from tests.fakes import fake_engine, image_bytes
+from tests.processes import ServerProcess, chelsea_jpeg, tiny_server
+
+RED = image_bytes((255, 0, 0))
+
+
+async def test_once_shutdown_begins_readiness_and_new_requests_are_503_and_accepted_ones_finish(
+    serve: ClientFactory,
+) -> None:
+    engine = fake_engine()
+    async with serve(engine) as client:
+        engine.begin_shutdown()
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503 and ready.headers["retry-after"] == "1"
+        assert (await client.get("/v2/health/ready")).status_code == 400
+        assert (await client.get("/healthz")).status_code == 200  # still alive: it is draining, not dead
+        refused = await client.post("/v1/classify", content=RED, headers={"Content-Type": "image/png"})
+        assert (refused.status_code, refused.json()["code"]) == (503, "not_ready")
+        assert refused.headers["retry-after"] == "1"
+
+
+# -- a real process --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    request_id: str
+    status: int | None  # None: no HTTP answer (the connection was refused or closed)
+    body: bytes
+    error: str = ""
+    ended_after_sigterm: bool = False
+
+
+def assert_same_prediction(got: dict[str, Any], want: dict[str, Any]) -> None:
+    """The same classes in the same order; scores equal up to float rounding (a batch of 8 sums in another order)."""
+    top, expected = got["predictions"][0]["top_k"], want["predictions"][0]["top_k"]
+    assert [(c["index"], c["label"]) for c in top] == [(c["index"], c["label"]) for c in expected]
+    assert [c["score"] for c in top] == pytest.approx([c["score"] for c in expected], abs=1e-5)
+
+
+def access_lines(output: str) -> list[dict[str, object]]:
+    return [orjson.loads(line) for line in output.splitlines() if '"logger":"app.access"' in line]
+
+
+def queue_depth(url: str) -> float:
+    metrics = httpx.get(f"{url}/metrics").text
+    return float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("vit_queue_depth{")))
+
+
+@contextmanager
+def load(url: str, image: bytes, threads: int) -> Iterator[tuple[list[Outcome], threading.Event]]:
+    """Closed-loop load: each thread sends one request after another, each on a new connection, until the server
+    stops answering or the block ends. Yields the outcomes (filled in as they come) and an event the test sets
+    when it sends SIGTERM."""
+    outcomes: list[Outcome] = []
+    sigterm_sent = threading.Event()
+    done = threading.Event()
+
+    def client(n: int) -> None:
+        for i in range(10_000):
+            if done.is_set():
+                return
+            request_id = f"load-{n}-{i}"
+            try:
+                response = httpx.post(
+                    f"{url}/v1/classify?logits=false",
+                    content=image,
+                    headers={"Content-Type": "image/jpeg", "X-Request-ID": request_id},
+                    timeout=30,
+                )
+                after = sigterm_sent.is_set()
+                outcomes.append(Outcome(request_id, response.status_code, response.content, ended_after_sigterm=after))
+            except httpx.TransportError as exc:
+                after = sigterm_sent.is_set()
+                outcomes.append(Outcome(request_id, None, b"", type(exc).__name__, ended_after_sigterm=after))
+                if isinstance(exc, httpx.ConnectError):
+                    return  # the listener is gone: this client is done
+
+    workers = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    try:
+        yield outcomes, sigterm_sent
+    finally:
+        done.set()
+        for worker in workers:
+            worker.join(timeout=60)
+
+
+@pytest.mark.slow
+def test_sigterm_under_load_answers_everything_accepted_and_exits_0(tmp_path: Path) -> None:
+    image = chelsea_jpeg()
+    # A long batch window (250 ms) keeps requests in flight, so that SIGTERM surely lands while some are queued.
+    options = ["--max-queue-delay-ms", "250", "--max-batch-size", "64", "--drain-timeout-s", "20"]
+    with tiny_server(tmp_path, *options) as (url, server):
+        expected = httpx.post(f"{url}/v1/classify?logits=false", content=image, headers={"Content-Type": "image/jpeg"})
+        assert expected.status_code == 200
+        with load(url, image, threads=6) as (outcomes, sigterm_sent):
+            deadline = time.monotonic() + 60
+            while len(outcomes) < 20 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            while queue_depth(url) == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)  # until images wait in the batch window: SIGTERM lands while they are accepted
+            sigterm_sent.set()
+            server.process.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            output = server.wait(timeout_s=30)
+            drain_s = time.monotonic() - started
+    assert server.process.returncode == 0, output
+    assert drain_s < 20
+
+    answered = {o.request_id: o for o in outcomes}
+    logged = {str(line["request_id"]): line for line in access_lines(output) if str(line["path"]) == "/v1/classify"}
+    # Nothing accepted was lost: every request the server answered, the client received, with that answer.
+    lost = [rid for rid in logged if rid.startswith("load-") and answered[rid].status != logged[rid]["status"]]
+    assert not lost, lost
+    for outcome in outcomes:
+        if outcome.status == 200:
+            assert_same_prediction(orjson.loads(outcome.body), expected.json())
+        elif outcome.status is not None:  # refused as the drain began: a clear 503, never a 5xx of ours
+            assert (outcome.status, orjson.loads(outcome.body)["code"]) == (503, "not_ready")
+        else:  # no answer: only once SIGTERM was sent, and only for requests the server had not yet read
+            assert outcome.ended_after_sigterm and outcome.request_id not in logged, outcome
+    # Requests were in flight when the drain began, and they were answered 200, not dropped.
+    draining_at = output.index('"signal":"SIGTERM"')
+    finished_during_drain = [
+        line
+        for line in access_lines(output[draining_at:])
+        if line["status"] == 200 and str(line["request_id"]).startswith("load-")
+    ]
+    assert finished_during_drain
+    assert "Application shutdown complete" in output
+
+
+@contextmanager
+def stuck_upload(url: str) -> Iterator[socket.socket]:
+    """A client that sends the headers and part of a body, then stalls: a connection that never finishes."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n"
+            + b"\xff\xd8" * 100
+        )
+        time.sleep(0.3)  # let the server start reading it
+        yield sock
+
+
+def exit_after(server: ServerProcess, *signals: float) -> tuple[str, float]:
+    """Send SIGTERM at each of the given delays (s); the process's output and how long it took to exit."""
+    started = time.monotonic()
+    for delay in signals:
+        time.sleep(max(0.0, started + delay - time.monotonic()))
+        server.process.send_signal(signal.SIGTERM)
+    output = server.wait(timeout_s=60)
+    return output, time.monotonic() - started
+
+
+@pytest.mark.slow
+def test_a_drain_past_drain_timeout_ends_the_process_hard(tmp_path: Path) -> None:
+    with tiny_server(tmp_path, "--drain-timeout-s", "1") as (url, server), stuck_upload(url):
+        output, seconds = exit_after(server, 0)
+    assert server.process.returncode == 1
+    assert "drain did not finish within drain_timeout_s=1: exiting now" in output
+    assert 1 <= seconds < 10
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_ends_the_drain_at_once(tmp_path: Path) -> None:
+    with tiny_server(tmp_path, "--drain-timeout-s", "60") as (url, server), stuck_upload(url):
+        output, seconds = exit_after(server, 0, 0.5)
+    assert server.process.returncode == 1
+    assert "second SIGTERM during the drain: exiting now" in output
+    assert seconds < 10
