@@ -6,7 +6,16 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Dtype = Literal["auto", "fp32", "fp16", "bf16"]
@@ -68,6 +77,18 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_format: Literal["json", "text"] = Field("json", description="Logs as one JSON object a line, or plain text.")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="API keys, comma-separated; when any is set, every endpoint but the probes and docs needs "
+        "Authorization: Bearer <key>.",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="A file of API keys, one a line (e.g. a mounted Kubernetes secret); adds to api_keys."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins allowed to call the API from a browser, comma-separated, or * for any (default: none).",
+    )
 
     @field_validator("model", mode="before")
     @classmethod
@@ -79,6 +100,33 @@ class Settings(BaseSettings):
             names = [part.strip() for item in value for part in str(item).split(",")]
             return [name for name in names if name]
         return value
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _usable_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for key in value:
+            secret = key.get_secret_value()
+            if not secret or any(c.isspace() or c == "," for c in secret) or not secret.isprintable():
+                raise ValueError("an API key must be printable, with no spaces or commas")
+        return value
+
+    @model_validator(mode="after")
+    def _read_api_keys_file(self) -> Settings:
+        if self.api_keys_file is not None:
+            try:
+                lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise ValueError(f"cannot read api_keys_file {str(self.api_keys_file)!r}: {exc.strerror}") from None
+            keys = [SecretStr(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            self.api_keys = [*self.api_keys, *self._usable_keys(keys)]
+        return self
 
     @field_validator("model")
     @classmethod

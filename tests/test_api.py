@@ -225,7 +225,7 @@ BAD_REQUESTS = [
     pytest.param(
         {"content": b"--x\r\nbroken", "headers": {"Content-Type": "multipart/form-data; boundary=x"}},
         400,
-        "no_image",
+        "invalid_multipart",
         id="unterminated-multipart",
     ),
     pytest.param(

@@ -6,9 +6,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from app import __version__
 from app.api import classify, models, oip, probes, prometheus
+from app.api.auth import ApiKeyMiddleware
 from app.api.body_limit import BodyLimitMiddleware
 from app.api.error_handlers import install_error_handlers
 from app.api.telemetry import TelemetryMiddleware
@@ -37,7 +39,19 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     app.state.engine = engine
     app.state.settings = settings
     app.state.metrics = metrics = Metrics(engine)
+    # Starlette runs the last one added first: telemetry, CORS, API keys, body limit, then the routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.api_keys:
+        app.add_middleware(ApiKeyMiddleware, keys=[key.get_secret_value() for key in settings.api_keys])
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID", "Inference-Header-Content-Length"],
+            expose_headers=["X-Request-ID", "Server-Timing", "Retry-After", "Inference-Header-Content-Length"],
+            max_age=600,
+        )
     app.add_middleware(TelemetryMiddleware, metrics=metrics)  # outermost: it sees every answer
     install_error_handlers(app)
     for module in (classify, models, probes, prometheus, oip):

@@ -9,15 +9,13 @@ from dataclasses import dataclass
 
 import orjson
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
+from app.api.multipart import read_multipart
 from app.api.schemas import ClassifyJSON
 from app.errors import (
     BadRequest,
     InvalidParameter,
-    PayloadTooLarge,
     UnsupportedMediaType,
     describe_validation_error,
 )
@@ -54,29 +52,17 @@ async def read_images(request: Request, *, max_images: int) -> ImageRequest:
 
 
 async def _read_multipart(request: Request, max_images: int) -> ImageRequest:
-    try:
-        form = await request.form(max_files=max_images, max_fields=max_images + 16)
-    except HTTPException as exc:  # Starlette's multipart errors
-        if "Too many files" in str(exc.detail):
-            raise PayloadTooLarge(
-                f"more than {max_images} images in one request; the limit is {max_images}",
-                code="too_many_images",
-            ) from None
-        raise BadRequest(f"malformed multipart body: {exc.detail}", code="invalid_multipart") from None
-    try:
-        result = ImageRequest(images=[])
-        for name, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                result.images.append(await value.read())
-            elif name == "top_k":
-                result.top_k = _form_int(name, value)
-            elif name == "logits":
-                result.logits = _form_bool(name, value)
-            else:
-                raise InvalidParameter(f"unknown form field {name!r}; send images as file parts")
-        return result
-    finally:
-        await form.close()
+    result = ImageRequest(images=[])
+    for part in await read_multipart(request, max_files=max_images):
+        if part.filename is not None:
+            result.images.append(bytes(part.data))
+        elif part.name == "top_k":
+            result.top_k = _form_int(part.name, part.text)
+        elif part.name == "logits":
+            result.logits = _form_bool(part.name, part.text)
+        else:
+            raise InvalidParameter(f"unknown form field {part.name!r}; send images as file parts")
+    return result
 
 
 def _read_json(body: bytes) -> ImageRequest:

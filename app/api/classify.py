@@ -14,6 +14,7 @@ from app.api.responses import JSONResponse
 from app.api.schemas import ERROR_RESPONSES, IMAGE_BODY_DOC, ClassifyResponse
 from app.api.timing import server_timing, timing_fields
 from app.engine import DEFAULT_TOP_K, Classification, Engine
+from app.errors import InvalidParameter
 
 router = APIRouter(tags=["classify"])
 T = TypeVar("T")
@@ -40,8 +41,14 @@ async def classify_with(
     return await classify(request, model, top_k, logits)
 
 
+QUERY_OPTIONS = frozenset({"top_k", "logits"})
+
+
 async def classify(request: Request, name: str, top_k: int | None, logits: bool | None) -> Response:
     engine: Engine = request.app.state.engine
+    unknown = sorted(set(request.query_params) - QUERY_OPTIONS)
+    if unknown:  # a misspelt option silently ignored would be a wrong answer the client cannot see
+        raise InvalidParameter(f"unknown query parameter {unknown[0]!r}; the options are top_k and logits")
     body = await read_images(request, max_images=engine.limits.max_images_per_request)
     request.state.log_fields = {"images": len(body.images)}
     k = body.top_k if body.top_k is not None else top_k
