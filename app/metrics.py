@@ -14,7 +14,7 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from app.batcher import BatchRecord
@@ -26,6 +26,7 @@ from app.errors import (
     QueueFull,
     ServeError,
 )
+from app.served_model import ServedModel
 
 # Sub-millisecond to a minute: a probe, a CPU forward of ViT-B at batch 1, a loaded queue, a timeout.
 LATENCY_BUCKETS = (
@@ -104,6 +105,7 @@ class Metrics:
                 self.rejected.labels(name, reason)
         ProcessCollector(registry=r)
         r.register(CudaMemoryCollector())
+        r.register(OomSplitCollector(engine.models))
         engine.observe(self)
 
     def image_prepared(self, model: str, seconds: float) -> None:
@@ -134,6 +136,21 @@ def rejection_reason(error: ServeError) -> str:
     if error.status < 500:
         return "invalid_input"
     return "error"
+
+
+class OomSplitCollector(Collector):
+    """Batches retried in halves after the device ran out of memory: a sign that max_batch_size is too large."""
+
+    def __init__(self, models: list[ServedModel]) -> None:
+        self.models = models
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "vit_oom_splits", "Batches retried in two halves after running out of device memory.", labels=["model"]
+        )
+        for model in self.models:
+            family.add_metric([model.name], model.oom_splits)
+        yield family
 
 
 class CudaMemoryCollector(Collector):

@@ -28,7 +28,8 @@ class FakeViT(nn.Module):
     """Logits are a fixed linear map of each image's per-channel means: different images, different answers.
 
     Records every batch size it sees; `gate` (when cleared) holds the forward so tests can build up a queue,
-    and `fail_next` makes the next forward raise.
+    `fail_next` makes the next forward raise, and `oom_above` makes any batch larger than it run out of memory
+    (as CUDA would).
     """
 
     def __init__(self, num_classes: int = FAKE_CLASSES) -> None:
@@ -40,6 +41,7 @@ class FakeViT(nn.Module):
         self.gate = threading.Event()
         self.gate.set()
         self.fail_next = False
+        self.oom_above: int | None = None
 
     def hold(self) -> None:
         """The next forward waits at the gate until `release`."""
@@ -60,6 +62,8 @@ class FakeViT(nn.Module):
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("injected failure")
+        if self.oom_above is not None and x.shape[0] > self.oom_above:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected: a batch of {x.shape[0]})")
         return x.mean(dim=(2, 3)) @ self.weight  # (n, 3, h, w) -> (n, 3) -> (n, num_classes)
 
 

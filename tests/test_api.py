@@ -349,6 +349,38 @@ async def test_a_failing_forward_is_500_for_its_batch_only_and_the_service_goes_
         assert (await client.get("/readyz")).status_code == 200
 
 
+async def test_out_of_memory_retries_the_batch_in_halves_and_every_request_gets_its_own_answer(
+    serve: ClientFactory,
+) -> None:
+    model = FakeViT()
+    batching = BatchingConfig(max_batch_size=8, max_queue_delay_ms=600_000, max_queue_size=64)
+    async with serve(fake_engine(fake_served_model(module=model, batching=batching))) as client:
+        model.batch_sizes.clear()
+        model.oom_above = 2  # as if the device held only two images' activations
+        colors = distinct_colors(8)
+        responses = await asyncio.gather(*(post_image(client, image_bytes(c)) for c in colors))
+        assert [r.status_code for r in responses] == [200] * 8
+        for color, response in zip(colors, responses, strict=True):
+            np.testing.assert_allclose(
+                response.json()["predictions"][0]["logits"], _direct_for(model, image_bytes(color)), atol=1e-5
+            )
+        assert model.batch_sizes == [8, 4, 2, 2, 4, 2, 2]  # 8 fails, each 4 fails, the 2s run
+        metrics = (await client.get("/metrics")).text
+        assert 'vit_oom_splits_total{model="fake"} 3.0' in metrics
+        assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_out_of_memory_on_a_single_image_fails_that_request_only(serve: ClientFactory) -> None:
+    model = FakeViT()
+    async with serve(fake_engine(fake_served_model(module=model))) as client:
+        model.oom_above = 0
+        response = await post_image(client, RED)
+        assert (response.status_code, response.json()["code"]) == (500, "inference_failed")
+        model.oom_above = None
+        assert (await post_image(client, RED)).status_code == 200
+        assert (await client.get("/readyz")).status_code == 200
+
+
 # -- probes and docs ----------------------------------------------------------------------------------------
 
 
