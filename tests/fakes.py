@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,8 +29,8 @@ class FakeViT(nn.Module):
     """Logits are a fixed linear map of each image's per-channel means: different images, different answers.
 
     Records every batch size it sees; `gate` (when cleared) holds the forward so tests can build up a queue,
-    `fail_next` makes the next forward raise, and `oom_above` makes any batch larger than it run out of memory
-    (as CUDA would).
+    `fail_next` makes the next forward raise, `oom_above` makes any batch larger than it run out of memory
+    (as CUDA would), and `batch_time_s` makes every forward take that long whatever its size (as a GPU would).
     """
 
     def __init__(self, num_classes: int = FAKE_CLASSES) -> None:
@@ -42,6 +43,7 @@ class FakeViT(nn.Module):
         self.gate.set()
         self.fail_next = False
         self.oom_above: int | None = None
+        self.batch_time_s = 0.0
 
     def hold(self) -> None:
         """The next forward waits at the gate until `release`."""
@@ -62,6 +64,8 @@ class FakeViT(nn.Module):
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("injected failure")
+        if self.batch_time_s:
+            time.sleep(self.batch_time_s)
         if self.oom_above is not None and x.shape[0] > self.oom_above:
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected: a batch of {x.shape[0]})")
         return x.mean(dim=(2, 3)) @ self.weight  # (n, 3, h, w) -> (n, 3) -> (n, num_classes)
