@@ -34,6 +34,11 @@ def oip_model(request: Request) -> OipModel:
 
 Model = Annotated[OipModel, Depends(oip_model)]
 MODEL_PATHS = ("/v2/models/{name}", "/v2/models/{name}/versions/{version}")
+UNKNOWN_MODEL: dict[int | str, dict[str, Any]] = {404: ERROR_RESPONSES[404]}
+READY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": 'Not ready: {"ready": false}'},
+    **UNKNOWN_MODEL,
+}
 
 
 @router.get("/v2", summary="Server metadata")
@@ -46,7 +51,9 @@ async def server_live() -> Response:
     return JSONResponse({"live": True})
 
 
-@router.get("/v2/health/ready", summary="Server ready (200) or not (400, as the protocol says)")
+@router.get(
+    "/v2/health/ready", summary="Server ready (200) or not (400, as the protocol says)", responses=READY_RESPONSES
+)
 async def server_ready(request: Request) -> Response:
     engine: Engine = request.app.state.engine
     return _readiness(engine.ready)
@@ -93,11 +100,37 @@ async def infer(request: Request, model: Model) -> Response:
     return Response(body, media_type="application/octet-stream", headers=headers)
 
 
+def _path_parameters(path: str) -> dict[str, Any]:
+    """`name` (and `version`) are read by the `oip_model` dependency, so FastAPI cannot see them: declare them."""
+    names = [n for n in ("name", "version") if "{" + n + "}" in path]
+    return {
+        "parameters": [
+            {"name": n, "in": "path", "required": True, "schema": {"type": "string"}, "description": f"model {n}"}
+            for n in names
+        ]
+    }
+
+
 for path in MODEL_PATHS:
-    router.add_api_route(path, model_metadata, methods=["GET"], summary="Model metadata", responses=ERROR_RESPONSES)
-    router.add_api_route(f"{path}/ready", model_ready, methods=["GET"], summary="Model ready (200) or not (400)")
+    params = _path_parameters(path)
     router.add_api_route(
-        f"{path}/config", model_config, methods=["GET"], summary="Model configuration (Triton's extension)"
+        path, model_metadata, methods=["GET"], summary="Model metadata", responses=UNKNOWN_MODEL, openapi_extra=params
+    )
+    router.add_api_route(
+        f"{path}/ready",
+        model_ready,
+        methods=["GET"],
+        summary="Model ready (200) or not (400)",
+        responses=READY_RESPONSES,
+        openapi_extra=params,
+    )
+    router.add_api_route(
+        f"{path}/config",
+        model_config,
+        methods=["GET"],
+        summary="Model configuration (Triton's extension)",
+        responses=UNKNOWN_MODEL,
+        openapi_extra=params,
     )
     router.add_api_route(
         f"{path}/infer",
@@ -105,7 +138,7 @@ for path in MODEL_PATHS:
         methods=["POST"],
         summary="Inference",
         responses=ERROR_RESPONSES,
-        openapi_extra=INFER_DOC,
+        openapi_extra=INFER_DOC | params,
     )
 
 
