@@ -12,38 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.dockerfile import DOCKERFILE, healthcheck_command, stages
 from tests.processes import tiny_server_process
 
 REPO = Path(__file__).resolve().parent.parent
-DOCKERFILE = REPO / "Dockerfile"
 BIN = Path(sys.executable).parent
-
-
-def instructions(text: str) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) in order, continuation lines joined, comments dropped."""
-    logical = text.replace("\\\n", " ")
-    lines = [line.strip() for line in logical.splitlines()]
-    return [
-        (line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "")
-        for line in lines
-        if line and not line.startswith("#")
-    ]
-
-
-def stages() -> list[list[tuple[str, str]]]:
-    result: list[list[tuple[str, str]]] = []
-    for instruction in instructions(DOCKERFILE.read_text()):
-        if instruction[0] == "FROM":
-            result.append([])
-        if result:
-            result[-1].append(instruction)
-    return result
-
-
-def healthcheck_command() -> list[str]:
-    (args,) = [args for name, args in stages()[-1] if name == "HEALTHCHECK"]
-    command: list[str] = json.loads(args.split(" CMD ", 1)[1])
-    return command
 
 
 def test_hadolint_passes_with_no_warnings() -> None:
