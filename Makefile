@@ -4,6 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP_RUN  := $(VENV)/.installed-run
 STAMP_TEST := $(VENV)/.installed-dev
+# The horizontal-scale test runs Debian's nginx as the load balancer; CI is a fresh Debian machine, as root.
+NGINX := $(or $(shell command -v nginx 2>/dev/null),/usr/sbin/nginx)
 
 .PHONY: run test soak lint audit clean
 
@@ -19,10 +21,15 @@ $(STAMP_TEST): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@ $(STAMP_RUN)
 
+$(NGINX):
+	@echo "installing Debian's nginx for the horizontal-scale test (needs root)"
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx
+
 run: $(STAMP_RUN)
 	$(BIN)/vit-serve serve
 
-test: $(STAMP_TEST)
+test: $(STAMP_TEST) $(NGINX)
 	$(BIN)/ruff check app tests
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q

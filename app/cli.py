@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import uvicorn
-from pydantic import ValidationError
-from pydantic_settings import BaseSettings, CliApp, CliSubCommand, SettingsConfigDict
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand, SettingsConfigDict
 
 from app.api.app import create_app
 from app.engine import Engine
 from app.errors import ModelLoadError, describe_validation_error
+from app.loading import download_pretrained
 from app.logs import configure_logging
+from app.model_config import load_model_config
 from app.server import Server
-from app.settings import Settings
+from app.settings import DEFAULT_MODEL, ModelNames, ModelRepository, Settings, WeightsCacheDir
 
 
 class Serve(Settings):
@@ -21,6 +24,21 @@ class Serve(Settings):
 
     def cli_cmd(self) -> None:
         serve(self)
+
+
+class Download(BaseSettings):
+    """Fetch the pretrained weights of MODELs into the weights cache, then exit (at image build time)."""
+
+    model_config = SettingsConfigDict(env_prefix="VIT_", extra="ignore")
+
+    model: CliPositionalArg[ModelNames] = Field(
+        default_factory=lambda: [DEFAULT_MODEL], description="Models whose weights to fetch (default: vit_b_16)."
+    )
+    model_repository: ModelRepository = Path("models")
+    weights_cache_dir: WeightsCacheDir = None
+
+    def cli_cmd(self) -> None:
+        download(self)
 
 
 class VitServe(BaseSettings):
@@ -35,6 +53,7 @@ class VitServe(BaseSettings):
     )
 
     serve: CliSubCommand[Serve]
+    download: CliSubCommand[Download]
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)
@@ -53,6 +72,16 @@ def serve(settings: Settings) -> None:
         server_header=False,
     )
     Server(config, engine=engine, drain_timeout_s=settings.drain_timeout_s).run()
+
+
+def download(command: Download) -> None:
+    for name in command.model:
+        config = load_model_config(command.model_repository, name)
+        path = download_pretrained(config, command.weights_cache_dir)
+        if path is None:
+            print(f"{name}: weights {config.weights!r} need no download")
+        else:
+            print(f"{name}: {config.arch}.{config.weights} in {path}")
 
 
 def main(argv: list[str] | None = None) -> None:

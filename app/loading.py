@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -69,6 +70,17 @@ def load_model(
         weights_source=source,
         num_params=sum(p.numel() for p in module.parameters()),
     )
+
+
+def download_pretrained(config: ModelConfig, cache_dir: Path | None = None) -> Path | None:
+    """Fetch a model's pretrained weights into the cache, exactly as start-up would (same file, same hash check),
+    without building the model: for image builds. None when its weights are a local file or random."""
+    pretrained = _pretrained_weights(config)
+    if pretrained is None:
+        return None
+    _download(config, pretrained, cache_dir)
+    folder = cache_dir if cache_dir is not None else Path(torch.hub.get_dir()) / "checkpoints"
+    return folder / Path(urlparse(pretrained.url).path).name
 
 
 def _pretrained_weights(config: ModelConfig) -> Weights | None:

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PositiveFloat,
@@ -30,6 +32,30 @@ MaxQueueSize = Annotated[
 ]
 
 
+def _split_names(value: Any) -> Any:
+    """Accept `a,b`, `["a", "b"]`, and repeated flags, each possibly comma-separated."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list | tuple):
+        names = [part.strip() for item in value for part in str(item).split(",")]
+        return [name for name in names if name]
+    return value
+
+
+def _at_least_one(value: list[str]) -> list[str]:
+    if not value:
+        raise ValueError("name at least one model")
+    return value
+
+
+ModelNames = Annotated[list[str], NoDecode, BeforeValidator(_split_names), AfterValidator(_at_least_one)]
+ModelRepository = Annotated[Path, Field(description="Folder with one sub-folder per model.")]
+WeightsCacheDir = Annotated[
+    Path | None, Field(description="Where pretrained weights are downloaded to (default: torch hub's cache).")
+]
+DEFAULT_MODEL = "vit_b_16"
+
+
 class BatchingConfig(BaseModel):
     """Dynamic batching knobs: global settings, which a model's `[batching]` table overrides for that model."""
 
@@ -50,18 +76,16 @@ class Settings(BaseSettings):
     max_queue_size: MaxQueueSize = 256
     host: str = Field("0.0.0.0", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
-    model_repository: Path = Field(Path("models"), description="Folder with one sub-folder per model.")
-    model: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["vit_b_16"],
+    model_repository: ModelRepository = Path("models")
+    model: ModelNames = Field(
+        default_factory=lambda: [DEFAULT_MODEL],
         description="Models to serve (repeatable or comma-separated); the first is the default model.",
     )
     weights: str | None = Field(
         None,
         description="Override the default model's weights: a torchvision weights name, a file, or 'random'.",
     )
-    weights_cache_dir: Path | None = Field(
-        None, description="Where pretrained weights are downloaded to (default: torch hub's cache)."
-    )
+    weights_cache_dir: WeightsCacheDir = None
     device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
     dtype: Dtype = Field("auto", description="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")
     request_timeout_s: PositiveFloat = Field(30.0, description="A request past this answers 504.")
@@ -90,17 +114,6 @@ class Settings(BaseSettings):
         description="Origins allowed to call the API from a browser, comma-separated, or * for any (default: none).",
     )
 
-    @field_validator("model", mode="before")
-    @classmethod
-    def _split_models(cls, value: Any) -> Any:
-        """Accept `a,b`, `["a", "b"]`, and repeated flags, each possibly comma-separated."""
-        if isinstance(value, str):
-            value = [value]
-        if isinstance(value, list | tuple):
-            names = [part.strip() for item in value for part in str(item).split(",")]
-            return [name for name in names if name]
-        return value
-
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
@@ -127,13 +140,6 @@ class Settings(BaseSettings):
             keys = [SecretStr(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
             self.api_keys = [*self.api_keys, *self._usable_keys(keys)]
         return self
-
-    @field_validator("model")
-    @classmethod
-    def _at_least_one_model(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError("name at least one model")
-        return value
 
     def batching(self) -> BatchingConfig:
         return BatchingConfig.model_validate(self.model_dump(include=set(BatchingConfig.model_fields)))

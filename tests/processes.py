@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,22 +57,34 @@ def start(args: list[str], *, cwd: Path, env: dict[str, str] | None = None) -> S
 
 
 def wait_ready(server: ServerProcess, url: str, timeout_s: float = 120) -> None:
+    wait_answering(server.process, url, server.output, timeout_s)
+
+
+def wait_answering(
+    process: subprocess.Popen[bytes], url: str, output: Callable[[], str], timeout_s: float = 120
+) -> None:
+    """Poll `url`/readyz until it answers 200; fail with the process's `output()` if it exits first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise AssertionError(f"server exited with {server.process.returncode}: {server.output()}")
+        if process.poll() is not None:
+            raise AssertionError(f"{process.args} exited with {process.returncode}: {output()}")
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
-        time.sleep(0.2)
-    raise AssertionError("server did not become ready")
+        time.sleep(0.1)
+    raise AssertionError(f"{url} did not become ready")
 
 
 def stop(server: ServerProcess) -> str:
-    """SIGTERM, as Kubernetes sends it: the server drains, shuts its lifespan down, and exits 0."""
+    """SIGTERM, as Kubernetes sends it, then `drained`."""
     server.process.send_signal(signal.SIGTERM)
+    return drained(server)
+
+
+def drained(server: ServerProcess) -> str:
+    """Wait for a server that was sent SIGTERM: it drains, shuts its lifespan down, and exits 0. Its whole output."""
     output = server.wait(timeout_s=60)
     assert server.process.returncode == 0, output
     assert "Application shutdown complete" in output
@@ -85,15 +97,23 @@ def chelsea_jpeg() -> bytes:
     return buffer.getvalue()
 
 
+def write_tiny_model(repository: Path) -> None:
+    """A tiny real ViT ("tiny", 64x64 input, 10 classes) in `repository`."""
+    write_model_folder(repository, "tiny", tiny_vit(image_size=64, num_classes=10))
+
+
+def start_tiny(repository: Path, port: int, *args: str) -> ServerProcess:
+    """A server process serving the model of `write_tiny_model` on `port`."""
+    return start(["--model-repository", str(repository), "--model", "tiny", "--port", str(port), *args], cwd=repository)
+
+
 @contextmanager
 def tiny_server(repository: Path, *args: str) -> Iterator[tuple[str, ServerProcess]]:
     """A real server process serving a tiny real ViT ("tiny", 64x64 input, 10 classes); yields its URL and process,
     and stops it with SIGTERM at the end unless the test already ended it."""
-    write_model_folder(repository, "tiny", tiny_vit(image_size=64, num_classes=10))
+    write_tiny_model(repository)
     port = free_port()
-    server = start(
-        ["--model-repository", str(repository), "--model", "tiny", "--port", str(port), *args], cwd=repository
-    )
+    server = start_tiny(repository, port, *args)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(server, url)

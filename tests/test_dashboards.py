@@ -82,7 +82,7 @@ def test_the_scrape_config_scrapes_the_service_metrics_path() -> None:
     config = yaml.safe_load(SCRAPE_CONFIG.read_text())
     (job,) = config["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
-    assert job["static_configs"][0]["targets"] == ["vit-serve:8000"]
+    assert job["dns_sd_configs"][0]["names"] == ["vit-serve"] and job["dns_sd_configs"][0]["port"] == 8000
 
 
 def test_cuda_memory_is_exported_per_device_where_there_is_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
