@@ -201,7 +201,8 @@ class Batcher(Generic[In, Out]):
             self._update_idle()
 
     async def _collect(self) -> list[_Item[In, Out]]:
-        """Wait for a first item, then take more until the batch has enough live ones or its window has closed."""
+        """Wait for a first item, then take more until the batch has enough live ones, its window has closed, or no
+        other admitted image is left to wait for."""
         # Every item taken off the queue is in `_running` at once, so that a stop (or a bug) mid-collection
         # still resolves it; the ones that need no compute are filtered out at the end.
         taken: list[_Item[In, Out]] = []
@@ -212,7 +213,9 @@ class Batcher(Generic[In, Out]):
         window_end = first.enqueued_at + self._max_delay_s
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout_at(window_end):
-                while live < self._config.max_batch_size:
+                # Wait only for images that are on their way (admitted: being decoded, or queued). With none, more
+                # waiting could only add latency: a lone request at an idle model goes at once.
+                while live < self._config.max_batch_size and self._reserved > 0:
                     item = await self._queue.get()  # returns without suspending while items are queued
                     taken.append(item)
                     live += self._take(item)

@@ -35,19 +35,23 @@ def decode(data: bytes, *, max_pixels: int) -> Image.Image:
         raise _too_many_pixels(max_pixels, width, height)
     if width == 0 or height == 0:
         raise InvalidImage("image has no pixels")
+    result: Image.Image | None = None
     try:
         image.load()
-        upright = ImageOps.exif_transpose(image)
-        if upright.mode == "P" and "transparency" in upright.info:
+        ImageOps.exif_transpose(image, in_place=True)  # no copy when the picture is already upright
+        if image.mode == "P" and "transparency" in image.info:
             # Same RGB values as a direct convert, without PIL's warning about palette transparency.
-            upright = upright.convert("RGBA")
-        return upright.convert("RGB")
+            result = image.convert("RGBA").convert("RGB")
+        else:
+            result = image if image.mode == "RGB" else image.convert("RGB")  # no copy when already RGB
+        return result
     except Image.DecompressionBombError as exc:
         raise _too_many_pixels(max_pixels) from exc
     except Exception as exc:  # as above
         raise InvalidImage(f"cannot decode {image.format} image: {_reason(exc)}") from exc
     finally:
-        image.close()
+        if result is not image:
+            image.close()
 
 
 def _too_many_pixels(limit: int, width: int | None = None, height: int | None = None) -> PayloadTooLarge:

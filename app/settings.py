@@ -25,7 +25,8 @@ Dtype = Literal["auto", "fp32", "fp16", "bf16"]
 
 MaxBatchSize = Annotated[PositiveInt, Field(description="Largest batch sent to the model.")]
 MaxQueueDelayMs = Annotated[
-    float, Field(ge=0, description="How long a batch waits for more images after its first one arrived.")
+    float,
+    Field(ge=0, description="The most a batch waits, after its first image, for admitted images still being decoded."),
 ]
 MaxQueueSize = Annotated[
     PositiveInt, Field(description="Images admitted but not yet computed (being decoded or waiting); past it: 503.")

@@ -36,17 +36,21 @@ class ServerProcess:
 
     process: subprocess.Popen[bytes]
     log: IO[str]
+    _final_output: str | None = None
 
     def output(self) -> str:
+        if self._final_output is not None:
+            return self._final_output
         self.log.seek(0)
         return self.log.read()
 
     def wait(self, timeout_s: float) -> str:
-        """Wait for the process to exit; its whole output."""
+        """Wait for the process to exit; its whole output. Closes the log file; calling it again is fine."""
         self.process.wait(timeout=timeout_s)
-        output = self.output()
-        self.log.close()
-        return output
+        if self._final_output is None:
+            self._final_output = self.output()
+            self.log.close()
+        return self._final_output
 
 
 def start(args: list[str], *, cwd: Path, env: dict[str, str] | None = None) -> ServerProcess:
@@ -121,6 +125,8 @@ def tiny_server(repository: Path, *args: str) -> Iterator[tuple[str, ServerProce
     finally:
         if server.process.poll() is None:
             stop(server)
+        else:
+            server.wait(timeout_s=10)  # ended by the test: close its log file
 
 
 @contextmanager

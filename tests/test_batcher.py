@@ -83,6 +83,48 @@ async def test_time_trigger_sends_a_partial_batch_when_the_window_closes() -> No
     await batcher.stop(1)
 
 
+async def test_a_lone_item_at_an_idle_model_goes_at_once_whatever_the_window() -> None:
+    """Nothing else admitted, so nothing to wait for: the window would only add latency."""
+    recorder = Recorder()
+    batcher = make(recorder, max_batch_size=8, max_queue_delay_ms=3_600_000)
+    await batcher.start()
+    async with asyncio.timeout(10):
+        assert await values(*submit(batcher, [1])) == [10]
+    assert recorder.batches == [[1]]
+    await batcher.stop(1)
+
+
+async def test_the_window_waits_for_images_admitted_and_still_being_prepared() -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_batch_size=2, max_queue_delay_ms=3_600_000)
+    await batcher.start()
+    loop = asyncio.get_running_loop()
+    with batcher.admit(2) as admission:  # a request of two images; the second is still being decoded
+        first = admission.submit([1], loop.time() + FAR)
+        await wait_until(lambda: batcher.queued == 0)  # the consumer took the first and waits for the second
+        await asyncio.sleep(0.05)
+        assert recorder.batches == []
+        second = admission.submit([2], loop.time() + FAR)
+    async with asyncio.timeout(10):
+        assert await values(*first, *second) == [10, 20]
+    assert recorder.batches == [[1, 2]]
+    await batcher.stop(1)
+
+
+async def test_the_window_bounds_the_wait_for_an_admitted_image_that_never_comes() -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_batch_size=4, max_queue_delay_ms=20)
+    await batcher.start()
+    loop = asyncio.get_running_loop()
+    with batcher.admit(2) as admission:  # the second image fails to decode and is never submitted
+        first = admission.submit([1], loop.time() + FAR)
+        async with asyncio.timeout(10):
+            assert await values(*first) == [10]
+    assert recorder.batches == [[1]]
+    assert batcher.depth == 0
+    await batcher.stop(1)
+
+
 async def test_items_queued_during_a_forward_form_the_next_batches() -> None:
     recorder = Recorder()
     batcher = make(recorder, max_batch_size=3, max_queue_delay_ms=0)
