@@ -6,8 +6,11 @@ STAMP_RUN  := $(VENV)/.installed-run
 STAMP_TEST := $(VENV)/.installed-dev
 # The horizontal-scale test runs Debian's nginx as the load balancer; CI is a fresh Debian machine, as root.
 NGINX := $(or $(shell command -v nginx 2>/dev/null),/usr/sbin/nginx)
+# The benchmark's load generator, Debian's wrk.
+WRK := $(or $(shell command -v wrk 2>/dev/null),/usr/bin/wrk)
+STAMP_BENCH := $(VENV)/.installed-bench
 
-.PHONY: run test soak lint audit clean
+.PHONY: run test soak bench lint audit clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +24,15 @@ $(STAMP_TEST): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@ $(STAMP_RUN)
 
+$(STAMP_BENCH): $(STAMP_TEST)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+$(WRK):
+	@echo "installing Debian's wrk for the benchmark (needs root)"
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk
+
 $(NGINX):
 	@echo "installing Debian's nginx for the horizontal-scale test (needs root)"
 	apt-get update -qq
@@ -30,7 +42,7 @@ run: $(STAMP_RUN)
 	$(BIN)/vit-serve serve
 
 test: $(STAMP_TEST) $(NGINX)
-	$(BIN)/ruff check app tests
+	$(BIN)/ruff check app tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
@@ -38,9 +50,14 @@ test: $(STAMP_TEST) $(NGINX)
 soak: $(STAMP_TEST)
 	$(BIN)/python -m pytest -q -s -m soak
 
+# The benchmark matrix against vit-serve, the baseline and the offline limit, measured in one sitting (~15 min):
+# bench/results/<date>-<machine>.{md,json,png}. BENCH_ARGS="--quick" for a 3-minute smoke run.
+bench: $(STAMP_BENCH) $(WRK)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
 lint: $(STAMP_TEST)
-	$(BIN)/ruff check app tests
-	$(BIN)/ruff format --check app tests
+	$(BIN)/ruff check app tests bench
+	$(BIN)/ruff format --check app tests bench
 	$(BIN)/mypy
 
 # Known vulnerabilities in the installed dependencies (needs PyPI's JSON API or OSV on the network).
