@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -111,35 +112,23 @@ def _path_parameters(path: str) -> dict[str, Any]:
     }
 
 
+# (suffix, endpoint, method, summary, documented error answers, extra OpenAPI): each under both MODEL_PATHS.
+MODEL_ROUTES: list[tuple[str, Callable[..., Any], str, str, dict[int | str, dict[str, Any]], dict[str, Any]]] = [
+    ("", model_metadata, "GET", "Model metadata", UNKNOWN_MODEL, {}),
+    ("/ready", model_ready, "GET", "Model ready (200) or not (400)", READY_RESPONSES, {}),
+    ("/config", model_config, "GET", "Model configuration (Triton's extension)", UNKNOWN_MODEL, {}),
+    ("/infer", infer, "POST", "Inference", ERROR_RESPONSES, INFER_DOC),
+]
 for path in MODEL_PATHS:
-    params = _path_parameters(path)
-    router.add_api_route(
-        path, model_metadata, methods=["GET"], summary="Model metadata", responses=UNKNOWN_MODEL, openapi_extra=params
-    )
-    router.add_api_route(
-        f"{path}/ready",
-        model_ready,
-        methods=["GET"],
-        summary="Model ready (200) or not (400)",
-        responses=READY_RESPONSES,
-        openapi_extra=params,
-    )
-    router.add_api_route(
-        f"{path}/config",
-        model_config,
-        methods=["GET"],
-        summary="Model configuration (Triton's extension)",
-        responses=UNKNOWN_MODEL,
-        openapi_extra=params,
-    )
-    router.add_api_route(
-        f"{path}/infer",
-        infer,
-        methods=["POST"],
-        summary="Inference",
-        responses=ERROR_RESPONSES,
-        openapi_extra=INFER_DOC | params,
-    )
+    for suffix, endpoint, method, summary, responses, extra in MODEL_ROUTES:
+        router.add_api_route(
+            path + suffix,
+            endpoint,
+            methods=[method],
+            summary=summary,
+            responses=responses,
+            openapi_extra=extra | _path_parameters(path),
+        )
 
 
 def _readiness(ready: bool) -> Response:
