@@ -169,10 +169,6 @@ class Engine:
         """Not ready from now on, and new requests are refused with 503; what was accepted goes on to the end."""
         self._stopping = True
 
-    @property
-    def stopping(self) -> bool:
-        return self._stopping
-
     async def stop(self, timeout_s: float = 30.0) -> None:
         """Not ready from now on; finish what was accepted (bounded), then release the threads."""
         self._stopping = True

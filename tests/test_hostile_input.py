@@ -366,6 +366,9 @@ async def test_ten_thousand_tiny_images_in_one_json_request_are_413(client: http
     tiny = base64.b64encode(encode("PNG", (1, 1))).decode()
     response = await client.post("/v1/classify", json={"images": [tiny] * 10_000})
     assert (response.status_code, response.json()["code"]) == (413, "too_many_images")
+    # Counted before any image is decoded: the bad base64 at the end is never reached.
+    response = await client.post("/v1/classify", json={"images": [tiny] * 9_999 + ["not base64!"]})
+    assert (response.status_code, response.json()["code"]) == (413, "too_many_images")
 
 
 @pytest.mark.parametrize(

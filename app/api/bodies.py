@@ -16,6 +16,7 @@ from app.api.schemas import ClassifyJSON
 from app.errors import (
     BadRequest,
     InvalidParameter,
+    PayloadTooLarge,
     UnsupportedMediaType,
     describe_validation_error,
 )
@@ -42,7 +43,7 @@ async def read_images(request: Request, *, max_images: int) -> ImageRequest:
     if media_type == "multipart/form-data":
         return await _read_multipart(request, max_images)
     if media_type == "application/json":
-        return _read_json(await request.body())
+        return _read_json(await request.body(), max_images)
     raise UnsupportedMediaType(
         f"content type {media_type!r} is not accepted; send an image with Content-Type: image/jpeg (or another "
         "image/* type), multipart/form-data, or application/json (curl: -H 'Content-Type: image/jpeg' "
@@ -65,7 +66,7 @@ async def _read_multipart(request: Request, max_images: int) -> ImageRequest:
     return result
 
 
-def _read_json(body: bytes) -> ImageRequest:
+def _read_json(body: bytes, max_images: int) -> ImageRequest:
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -74,6 +75,10 @@ def _read_json(body: bytes) -> ImageRequest:
         payload = ClassifyJSON.model_validate(parsed)
     except ValidationError as exc:
         raise InvalidParameter(f"invalid JSON body: {describe_validation_error(exc)}", code="invalid_body") from None
+    if len(payload.images) > max_images:  # before any base64 is decoded
+        raise PayloadTooLarge(
+            f"{len(payload.images)} images in one request; the limit is {max_images}", code="too_many_images"
+        )
     images = [_decode_base64(index, text) for index, text in enumerate(payload.images)]
     return ImageRequest(images=images, top_k=payload.top_k, logits=payload.logits)
 
