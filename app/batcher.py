@@ -1,10 +1,12 @@
-"""Stage 3, batch: one asyncio queue, one consumer task, one dedicated inference thread.
+"""Stage 3, batch: one asyncio queue, one consumer task, and `max_in_flight` inference threads (one on a CPU; two on a
+GPU, so that one batch's copies and decode overlap another's forward).
 
 Requests are admitted first (`admit`), which reserves room for their images so that a full service says 503 at
 once instead of growing a backlog; then each image is its own queue item with its own future. The consumer opens
 a window at the first item and sends a batch when it is full or `max_queue_delay_ms` after that item arrived.
 Every future is resolved exactly once: cancelled items are skipped, expired ones get `DeadlineExceeded`, a failed
-forward fails every request of its batch, and `stop` fails whatever is left.
+forward fails every request of its batch (an exception returned in an image's place fails that image alone), and
+`stop` fails whatever is left.
 """
 
 from __future__ import annotations
@@ -73,10 +75,11 @@ class Batcher(Generic[In, Out]):
 
     def __init__(
         self,
-        run_batch: Callable[[list[In]], Sequence[Out]],
+        run_batch: Callable[[list[In]], Sequence[Out | BaseException]],
         config: BatchingConfig,
         *,
         name: str = "model",
+        max_in_flight: int = 1,
         stats_history: int = 1024,
         on_batch: Callable[[BatchRecord], None] | None = None,
     ) -> None:
@@ -86,10 +89,13 @@ class Batcher(Generic[In, Out]):
         self._name = name
         self._max_delay_s = config.max_queue_delay_ms / 1000
         self._queue: asyncio.Queue[_Item[In, Out]] = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
+        self._executor = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix=f"infer-{name}")
+        self._slots = asyncio.Semaphore(max_in_flight)
         self._task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # batches in flight
         self._reserved = 0  # images admitted and not yet taken by the consumer
-        self._running: list[_Item[In, Out]] = []
+        self._collecting: list[_Item[In, Out]] = []  # taken off the queue for the next batch
+        self._in_flight: list[list[_Item[In, Out]]] = []  # batches sent to `run_batch`, not yet resolved
         self._idle = asyncio.Event()
         self._idle.set()
         self._accepting = False
@@ -153,6 +159,10 @@ class Batcher(Generic[In, Out]):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for task in list(self._tasks):  # past the drain timeout: stop waiting for batches still running
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         self._fail_all(NotReady(f"model {self._name!r} is shutting down"))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -169,44 +179,65 @@ class Batcher(Generic[In, Out]):
         self._update_idle()
 
     def _update_idle(self) -> None:
-        if self._reserved == 0 and not self._running:
+        if self._reserved == 0 and not self._collecting and not self._in_flight:
             self._idle.set()
 
     async def _consume(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Take a free slot (one of `max_in_flight`), collect a batch for it, and run it without waiting for it."""
         while True:
-            batch = await self._collect()
-            if not batch:
-                continue
-            started = loop.time()
-            waits = [started - item.enqueued_at for item in batch]
+            await self._slots.acquire()
             try:
-                outputs, run_s = await loop.run_in_executor(
-                    self._executor, self._checked_run, [i.payload for i in batch]
-                )
-            except Exception as exc:
-                self.stats.failed_batches += 1
-                log.exception("model %r: forward of a batch of %d failed", self._name, len(batch))
-                error = InferenceFailed("inference failed for this request's batch")
-                error.__cause__ = exc
-                for item in batch:
-                    _resolve(item.future, error=error)
-                self._record(BatchRecord(len(batch), waits, loop.time() - started, failed=True))
-            else:
-                for item, output, wait in zip(batch, outputs, waits, strict=True):
+                batch = await self._collect()
+            except BaseException:
+                self._slots.release()
+                raise
+            if not batch:
+                self._slots.release()
+                continue
+            self._in_flight.append(batch)
+            self._collecting = []
+            task = asyncio.create_task(self._run(batch), name=f"batch-{self._name}")
+            self._tasks.add(task)
+            task.add_done_callback(self._run_done)
+
+    def _run_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:  # `_run` catches everything; a bug if not
+            log.error("model %r: batch task failed", self._name, exc_info=task.exception())
+
+    async def _run(self, batch: list[_Item[In, Out]]) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        waits = [started - item.enqueued_at for item in batch]
+        try:
+            outputs, run_s = await loop.run_in_executor(self._executor, self._checked_run, [i.payload for i in batch])
+        except Exception as exc:
+            self.stats.failed_batches += 1
+            log.exception("model %r: forward of a batch of %d failed", self._name, len(batch))
+            error = InferenceFailed("inference failed for this request's batch")
+            error.__cause__ = exc
+            for item in batch:
+                _resolve(item.future, error=error)
+            self._record(BatchRecord(len(batch), waits, loop.time() - started, failed=True))
+        else:
+            for item, output, wait in zip(batch, outputs, waits, strict=True):
+                if isinstance(output, BaseException):  # this image alone failed (e.g. it would not decode)
+                    _resolve(item.future, error=output)
+                else:
                     _resolve(item.future, result=Completed(output, wait, run_s, len(batch)))
-                self._record(BatchRecord(len(batch), waits, run_s, failed=False))
-            # Not in a `finally`: if the consumer is cancelled mid-batch, `_fail_all` resolves `_running`.
-            self._running = []
-            self._update_idle()
+            self._record(BatchRecord(len(batch), waits, run_s, failed=False))
+        # Not in a `finally`: if the batcher is stopped mid-batch, `_fail_all` resolves what is still in flight.
+        self._in_flight.remove(batch)
+        self._update_idle()
 
     async def _collect(self) -> list[_Item[In, Out]]:
         """Wait for a first item, then take more until the batch has enough live ones, its window has closed, or no
         other admitted image is left to wait for."""
-        # Every item taken off the queue is in `_running` at once, so that a stop (or a bug) mid-collection
+        # Every item taken off the queue is in `_collecting` at once, so that a stop (or a bug) mid-collection
         # still resolves it; the ones that need no compute are filtered out at the end.
         taken: list[_Item[In, Out]] = []
-        self._running = taken
+        self._collecting = taken
         first = await self._queue.get()
         taken.append(first)
         live = int(self._take(first))
@@ -241,7 +272,7 @@ class Batcher(Generic[In, Out]):
             return False
         return True
 
-    def _checked_run(self, payloads: list[In]) -> tuple[Sequence[Out], float]:
+    def _checked_run(self, payloads: list[In]) -> tuple[Sequence[Out | BaseException], float]:
         """On the inference thread: the batch function, its duration, and a check of one result per input."""
         started = time.perf_counter()
         outputs = self._run_batch(payloads)
@@ -266,9 +297,10 @@ class Batcher(Generic[In, Out]):
         self._fail_all(NotReady(f"model {self._name!r} stopped working"))
 
     def _fail_all(self, error: ServeError) -> None:
-        for item in self._running:
+        for item in [*self._collecting, *(item for batch in self._in_flight for item in batch)]:
             _resolve(item.future, error=error)
-        self._running = []
+        self._collecting = []
+        self._in_flight = []
         while not self._queue.empty():
             item = self._queue.get_nowait()
             self._reserved -= 1

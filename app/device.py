@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from app.errors import ModelLoadError
+from app.settings import AccelerationConfig
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -31,3 +32,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, value in DTYPES.items() if value == dtype)
+
+
+def check_acceleration(acceleration: AccelerationConfig, device: torch.device) -> None:
+    """Refuse what cannot run on `device` (cuda_graphs and decode_device auto simply do nothing on a CPU)."""
+    if acceleration.decode_device == "cuda" and device.type != "cuda":
+        raise ModelLoadError(f"decode_device cuda needs the models on a GPU, not on {device}; use decode_device cpu")

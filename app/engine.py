@@ -21,8 +21,8 @@ from typing import Protocol
 import torch
 
 from app import postprocess
-from app.batcher import BatchRecord
-from app.device import resolve_device, resolve_dtype
+from app.batcher import BatchRecord, Completed
+from app.device import check_acceleration, resolve_device, resolve_dtype
 from app.errors import (
     BadRequest,
     DeadlineExceeded,
@@ -32,6 +32,7 @@ from app.errors import (
     PayloadTooLarge,
     ServeError,
 )
+from app.lanes import Prepared
 from app.loading import load_model
 from app.model_config import load_model_configs
 from app.postprocess import ImageOutput, Prediction
@@ -109,11 +110,21 @@ class Engine:
             torch.set_num_threads(settings.torch_threads)
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
+        acceleration = settings.acceleration()
+        check_acceleration(acceleration, device)
         models = []
         for config in load_model_configs(settings):
             loaded = load_model(config, device=device, dtype=dtype, cache_dir=settings.weights_cache_dir)
             batching = config.batching_config(settings.batching())
-            model = ServedModel(config.name, config.arch, loaded, device=device, dtype=dtype, batching=batching)
+            model = ServedModel(
+                config.name,
+                config.arch,
+                loaded,
+                device=device,
+                dtype=dtype,
+                batching=batching,
+                acceleration=acceleration,
+            )
             models.append(model)
             info = model.info()
             log.info(
@@ -224,7 +235,7 @@ class Engine:
                 code="invalid_shape",
             )
 
-        async def split() -> list[torch.Tensor]:
+        async def split() -> list[Prepared]:
             return list(pixels.float().unbind(0))
 
         return await self._run(served, pixels.shape[0], split, timeout_s)
@@ -233,7 +244,7 @@ class Engine:
         self,
         served: ServedModel,
         count: int,
-        prepare: Callable[[], Awaitable[list[torch.Tensor]]],
+        prepare: Callable[[], Awaitable[list[Prepared]]],
         timeout_s: float | None,
     ) -> Inference:
         """The one request path: limits, admission, prepare, the batcher, a deadline over all of it."""
@@ -257,6 +268,8 @@ class Engine:
                     futures = admission.submit(tensors, deadline)
                 try:
                     completed = await asyncio.gather(*futures)
+                except ServeError as error:  # one image failed in its batch (e.g. the device could not decode it)
+                    raise _at_image(error, futures) from None
                 finally:
                     for future in futures:  # after an error or a cancel, drop this request's other images
                         future.cancel()
@@ -269,7 +282,7 @@ class Engine:
         )
         return Inference(served.name, [c.value for c in completed], timings)
 
-    async def _prepare_all(self, served: ServedModel, images: Sequence[bytes]) -> list[torch.Tensor]:
+    async def _prepare_all(self, served: ServedModel, images: Sequence[bytes]) -> list[Prepared]:
         """Decode and preprocess every image in the pool, in parallel; the first bad image (in order) fails all."""
         loop = asyncio.get_running_loop()
         max_pixels = self.limits.max_image_pixels
@@ -277,7 +290,7 @@ class Engine:
             *(loop.run_in_executor(self._decode_pool, _timed_prepare, served, data, max_pixels) for data in images),
             return_exceptions=True,
         )
-        tensors: list[torch.Tensor] = []
+        tensors: list[Prepared] = []
         for index, result in enumerate(results):
             if isinstance(result, ServeError):
                 raise result.at(index)
@@ -297,7 +310,17 @@ def _startup_fields(info: ModelInfo) -> dict[str, object]:
     return fields
 
 
-def _timed_prepare(served: ServedModel, data: bytes, max_pixels: int) -> tuple[torch.Tensor, float]:
+def _at_image(error: ServeError, futures: Sequence[asyncio.Future[Completed[ImageOutput]]]) -> ServeError:
+    """A client error (4xx: this image is at fault) pinned to the image whose future failed with it."""
+    if error.status >= 500:  # the batch's or the service's fault, not one image's
+        return error
+    for index, future in enumerate(futures):
+        if future.done() and not future.cancelled() and future.exception() is error:
+            return error.at(index)
+    return error
+
+
+def _timed_prepare(served: ServedModel, data: bytes, max_pixels: int) -> tuple[Prepared, float]:
     started = time.perf_counter()
     tensor = served.prepare(data, max_pixels)
     return tensor, time.perf_counter() - started

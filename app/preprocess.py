@@ -14,7 +14,7 @@ from torchvision.transforms._presets import ImageClassification
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-Preprocessor = Callable[[Image.Image], torch.Tensor]
+Preprocessor = Callable[[Image.Image | torch.Tensor], torch.Tensor]  # PIL image, or (3, h, w) uint8 tensor
 
 
 @dataclass(frozen=True, slots=True)

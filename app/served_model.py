@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import logging
+import queue
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
 from app.batcher import Batcher, BatchRecord
 from app.decode import decode
 from app.device import dtype_name
+from app.errors import ServeError
+from app.gpu_decode import probe_jpeg
+from app.lanes import Lane, LaneSpec, Prepared
 from app.loading import LoadedModel
+from app.memory import forward_bytes_per_image, images_per_forward
 from app.postprocess import ImageOutput
 from app.preprocess import build_preprocessor, preprocess
-from app.settings import BatchingConfig
+from app.runner import batch_buckets, build_forward, compile_module
+from app.settings import AccelerationConfig, BatchingConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +43,13 @@ class ModelInfo:
     dtype: str
     batching: dict[str, Any]
     preprocess: dict[str, Any]
+    acceleration: dict[str, Any]
     ready: bool
 
 
 class ServedModel:
-    """Decode and preprocess run on the caller's threads (`prepare`); the forward runs on the batcher's thread."""
+    """Decode and preprocess run on the caller's threads (`prepare`); batches run on the batcher's threads, each in a
+    lane of its own (`pipeline_depth` of them)."""
 
     def __init__(
         self,
@@ -48,6 +60,7 @@ class ServedModel:
         device: torch.device,
         dtype: torch.dtype,
         batching: BatchingConfig,
+        acceleration: AccelerationConfig,
     ) -> None:
         self.name = name
         self.arch = arch
@@ -57,10 +70,16 @@ class ServedModel:
         self._preprocessor = build_preprocessor(loaded.preprocess)
         self._device = device
         self._dtype = dtype
+        self.acceleration = acceleration
+        self.decode_on_device = acceleration.decode_device in ("auto", "cuda") and device.type == "cuda"
+        self.pipeline_depth = acceleration.pipeline_depth or (2 if device.type == "cuda" else 1)
+        self.max_images_per_forward = batching.max_batch_size  # bounded by device memory in the warm-up
+        self.buckets: list[int] = []  # batch sizes compiled or captured, in the warm-up
+        self._lanes: queue.SimpleQueue[Lane] = queue.SimpleQueue()
         self.on_batch: Callable[[BatchRecord], None] | None = None
         self.oom_splits = 0  # batches retried in halves after running out of device memory
-        self.batcher: Batcher[torch.Tensor, ImageOutput] = Batcher(
-            self.forward, batching, name=name, on_batch=self._batch_done
+        self.batcher: Batcher[Prepared, ImageOutput] = Batcher(
+            self.forward, batching, name=name, on_batch=self._batch_done, max_in_flight=self.pipeline_depth
         )
 
     def _batch_done(self, record: BatchRecord) -> None:
@@ -85,18 +104,30 @@ class ServedModel:
     def ready(self) -> bool:
         return self.batcher.alive
 
-    def prepare(self, data: bytes, max_pixels: int) -> torch.Tensor:
-        """Decode and preprocess one image: bytes -> (3, crop, crop) float32. Runs in the decode pool."""
+    def prepare(self, data: bytes, max_pixels: int) -> Prepared:
+        """Decode and preprocess one image: bytes -> (3, crop, crop) float32. Runs in the decode pool.
+
+        With `decode_device = cuda`, a JPEG the device can decode is only checked here and left for its batch.
+        """
+        if self.decode_on_device:
+            jpeg = probe_jpeg(data, max_pixels=max_pixels)
+            if jpeg is not None:
+                return jpeg
         return preprocess(decode(data, max_pixels=max_pixels), self._preprocessor)
 
-    def forward(self, images: list[torch.Tensor]) -> list[ImageOutput]:
-        """Run one batch: n x (3, h, w) -> n outputs of (num_classes,). Runs on the inference thread.
-
-        Out of device memory, the batch is retried in two halves (and so on down to one image) before it fails:
-        a batch that fits at 16 but not at 32 is still answered, slower, instead of failing 32 requests.
-        """
+    def forward(self, images: list[Prepared]) -> list[ImageOutput | ServeError]:
+        """Run one batch in a free lane: n prepared images -> n outputs. Runs on one of the batcher's threads."""
+        lane = self._lanes.get(timeout=60)  # never waits: the batcher runs at most as many batches as there are lanes
         try:
-            return self._forward(images)
+            return self._run(lane, images)
+        finally:
+            self._lanes.put(lane)
+
+    def _run(self, lane: Lane, images: list[Prepared]) -> list[ImageOutput | ServeError]:
+        """Out of device memory, the batch is retried in two halves (and so on down to one image) before it fails:
+        a batch that fits at 16 but not at 32 is still answered, slower, instead of failing 32 requests."""
+        try:
+            return lane.run(images)
         except torch.OutOfMemoryError:
             if len(images) == 1:
                 raise
@@ -110,25 +141,77 @@ class ServedModel:
             if self.on_gpu:
                 torch.cuda.empty_cache()
             half = len(images) // 2
-            return self.forward(images[:half]) + self.forward(images[half:])
+            return self._run(lane, images[:half]) + self._run(lane, images[half:])
 
-    def _forward(self, images: list[torch.Tensor]) -> list[ImageOutput]:
-        with torch.inference_mode():
-            batch = torch.stack(images).to(self._device, self._dtype, non_blocking=True)  # (n, 3, h, w)
-            logits = self._module(batch).float()  # (n, num_classes)
-            probs = logits.softmax(dim=-1)
-            logits, probs = logits.cpu(), probs.cpu()
-        return [ImageOutput(logits=logits[i], probs=probs[i]) for i in range(len(images))]
+    def warm_up(self) -> None:
+        """Build the lanes and run every batch size each will see (compiling and capturing), before ready.
 
-    def warmup_batch(self) -> list[torch.Tensor]:
-        """A batch of the largest size the batcher sends, of random images."""
-        size = self._loaded.image_size
-        generator = torch.Generator().manual_seed(0)
-        shape = (3, size, size)
-        return [torch.randn(shape, generator=generator) for _ in range(self.batcher.config.max_batch_size)]
+        On CUDA, first measure one image's forward memory and bound the images per forward by
+        `batch_memory_fraction` of the device's memory.
+        """
+        acceleration = self.acceleration
+        max_batch_size = self.batcher.config.max_batch_size
+        example = torch.randn((max_batch_size, *self.input_shape), generator=torch.Generator().manual_seed(0))
+        if self.on_gpu:
+            with torch.inference_mode():
+                measured = example[: min(max_batch_size, 8)].to(self._device, self._dtype)
+                per_image = forward_bytes_per_image(self._module, measured)
+            device_bytes = torch.cuda.get_device_properties(self._device).total_memory
+            self.max_images_per_forward = images_per_forward(
+                per_image, device_bytes, acceleration.batch_memory_fraction, max_batch_size
+            )
+            log.info(
+                "model %r: a forward takes %.1f MiB an image; at most %d images a forward",
+                self.name,
+                per_image / 2**20,
+                self.max_images_per_forward,
+                extra={"fields": {"model": self.name, "bytes_per_image": per_image}},
+            )
+        self.buckets = batch_buckets(self.max_images_per_forward, acceleration.batch_buckets)
+        compiled = compile_module(self._module) if acceleration.compile else None
+        spec = LaneSpec(
+            device=self._device,
+            dtype=self._dtype,
+            input_shape=self.input_shape,
+            max_batch_size=max_batch_size,
+            num_classes=self.num_classes,
+            max_images_per_forward=self.max_images_per_forward,
+            preprocessor=self._preprocessor,
+            decode_on_cpu=self._decode_on_cpu,
+        )
+        for _ in range(self.pipeline_depth):
+            forward = build_forward(
+                self._module,
+                device=self._device,
+                buckets=self.buckets,
+                compiled=compiled,
+                cuda_graphs=acceleration.cuda_graphs,
+            )
+            lane = Lane(spec, forward)
+            lane.warm_up(example)
+            if self.decode_on_device:  # the device decoder's first use initialises it: not while serving
+                jpeg = probe_jpeg(_warmup_jpeg(), max_pixels=sys.maxsize)
+                assert jpeg is not None
+                lane.run([jpeg, jpeg])
+            self._lanes.put(lane)
+
+    def _decode_on_cpu(self, data: bytes) -> torch.Tensor:
+        return preprocess(decode(data, max_pixels=sys.maxsize), self._preprocessor)
+
+    def acceleration_info(self) -> dict[str, Any]:
+        """How batches run: what was asked for and what the warm-up settled (buckets, images per forward)."""
+        return {
+            "compile": self.acceleration.compile,
+            "cuda_graphs": self.acceleration.cuda_graphs and self.on_gpu,
+            "batch_buckets": self.buckets,
+            "decode_device": "cuda" if self.decode_on_device else "cpu",
+            "pipeline_depth": self.pipeline_depth,
+            "max_images_per_forward": self.max_images_per_forward,
+        }
 
     async def start(self) -> None:
-        await self.batcher.start(warmup=self.warmup_batch())
+        await asyncio.get_running_loop().run_in_executor(None, self.warm_up)
+        await self.batcher.start()
 
     async def stop(self, timeout_s: float) -> None:
         await self.batcher.stop(timeout_s)
@@ -146,5 +229,13 @@ class ServedModel:
             dtype=dtype_name(self._dtype),
             batching=self.batcher.config.model_dump(),
             preprocess=self._loaded.preprocess.as_dict(),
+            acceleration=self.acceleration_info(),
             ready=self.ready,
         )
+
+
+def _warmup_jpeg() -> bytes:
+    """A small JPEG to initialise the device decoder with."""
+    buffer = io.BytesIO()
+    Image.linear_gradient("L").convert("RGB").resize((64, 48)).save(buffer, format="JPEG")
+    return buffer.getvalue()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,6 +23,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Dtype = Literal["auto", "fp32", "fp16", "bf16"]
+DecodeDevice = Literal["auto", "cpu", "cuda"]
 
 
 MaxBatchSize = Annotated[PositiveInt, Field(description="Largest batch sent to the model.")]
@@ -43,6 +46,12 @@ def _split_names(value: Any) -> Any:
     return value
 
 
+def _sorted_sizes(value: list[int]) -> list[int]:
+    if any(size < 1 for size in value):
+        raise ValueError("batch sizes must be positive")
+    return sorted(set(value))
+
+
 def _at_least_one(value: list[str]) -> list[str]:
     if not value:
         raise ValueError("name at least one model")
@@ -50,6 +59,7 @@ def _at_least_one(value: list[str]) -> list[str]:
 
 
 ModelNames = Annotated[list[str], NoDecode, BeforeValidator(_split_names), AfterValidator(_at_least_one)]
+BatchBuckets = Annotated[list[int], NoDecode, BeforeValidator(_split_names), AfterValidator(_sorted_sizes)]
 ModelRepository = Annotated[Path, Field(description="Folder with one sub-folder per model.")]
 WeightsCacheDir = Annotated[
     Path | None, Field(description="Where pretrained weights are downloaded to (default: torch hub's cache).")
@@ -65,6 +75,18 @@ class BatchingConfig(BaseModel):
     max_batch_size: MaxBatchSize = 32
     max_queue_delay_ms: MaxQueueDelayMs = 5.0
     max_queue_size: MaxQueueSize = 256
+
+
+@dataclass(frozen=True, slots=True)
+class AccelerationConfig:
+    """How a model's batches run on its device (the settings of the same names)."""
+
+    compile: bool
+    cuda_graphs: bool
+    batch_buckets: list[int]
+    decode_device: DecodeDevice
+    batch_memory_fraction: float
+    pipeline_depth: int
 
 
 class Settings(BaseSettings):
@@ -89,6 +111,35 @@ class Settings(BaseSettings):
     weights_cache_dir: WeightsCacheDir = None
     device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
     dtype: Dtype = Field("auto", description="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")
+    compile: bool = Field(
+        False, description="torch.compile the model; the warm-up compiles every batch-size bucket before ready."
+    )
+    cuda_graphs: bool = Field(
+        True,
+        description="On CUDA, capture the forward as one CUDA graph per batch-size bucket (a batch is padded up to "
+        "its bucket), in the warm-up before ready; no effect on the CPU.",
+    )
+    batch_buckets: BatchBuckets = Field(
+        default_factory=list,
+        description="Batch sizes a batch is padded up to with cuda_graphs or compile, comma-separated "
+        "(default: powers of two up to max_batch_size, and max_batch_size).",
+    )
+    decode_device: DecodeDevice = Field(
+        "auto",
+        description="Where JPEGs are decoded and preprocessed: cpu (PIL, in the decode threads), cuda (nvJPEG and "
+        "resize on the model's GPU, a batch at a time; other formats, rotated or unusual JPEGs stay on the CPU), or "
+        "auto (cuda when the models are on a GPU).",
+    )
+    batch_memory_fraction: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="On CUDA, the most of the device's memory one forward may allocate; a larger batch runs in "
+        "chunks (the cost per image is measured in the warm-up).",
+    )
+    pipeline_depth: int = Field(
+        0, ge=0, description="Batches in flight per model (0: 2 on CUDA, so one copies while one computes; 1 on CPU)."
+    )
     request_timeout_s: PositiveFloat = Field(30.0, description="A request past this answers 504.")
     max_body_bytes: PositiveInt = Field(64 * 1024 * 1024, description="Largest request body, in bytes.")
     max_images_per_request: PositiveInt = Field(64, description="Most images in one request.")
@@ -144,6 +195,9 @@ class Settings(BaseSettings):
 
     def batching(self) -> BatchingConfig:
         return BatchingConfig.model_validate(self.model_dump(include=set(BatchingConfig.model_fields)))
+
+    def acceleration(self) -> AccelerationConfig:
+        return AccelerationConfig(**self.model_dump(include={f.name for f in dataclasses.fields(AccelerationConfig)}))
 
     @property
     def default_model(self) -> str:

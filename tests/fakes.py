@@ -19,7 +19,7 @@ from app.engine import Engine, Limits
 from app.loading import LoadedModel
 from app.preprocess import PreprocessParams
 from app.served_model import ServedModel
-from app.settings import BatchingConfig
+from app.settings import AccelerationConfig, BatchingConfig
 
 FAKE_IMAGE_SIZE = 32
 FAKE_CLASSES = 10
@@ -71,8 +71,22 @@ class FakeViT(nn.Module):
         return x.mean(dim=(2, 3)) @ self.weight  # (n, 3, h, w) -> (n, 3) -> (n, num_classes)
 
 
+CPU_ACCELERATION = AccelerationConfig(
+    compile=False,
+    cuda_graphs=True,  # the defaults: nothing on a CPU
+    batch_buckets=[],
+    decode_device="auto",
+    batch_memory_fraction=0.5,
+    pipeline_depth=0,
+)
+
+
 def fake_served_model(
-    name: str = "fake", *, module: FakeViT | None = None, batching: BatchingConfig | None = None
+    name: str = "fake",
+    *,
+    module: FakeViT | None = None,
+    batching: BatchingConfig | None = None,
+    acceleration: AccelerationConfig | None = None,
 ) -> ServedModel:
     module = module or FakeViT()
     num_classes = module.weight.shape[1]
@@ -91,6 +105,7 @@ def fake_served_model(
         device=torch.device("cpu"),
         dtype=torch.float32,
         batching=batching or BatchingConfig(max_batch_size=8, max_queue_delay_ms=2, max_queue_size=64),
+        acceleration=acceleration or CPU_ACCELERATION,
     )
 
 

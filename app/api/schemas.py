@@ -55,6 +55,10 @@ class ModelInfo(BaseModel):
     dtype: str
     batching: dict[str, Any]
     preprocess: dict[str, Any]
+    acceleration: dict[str, Any] = Field(
+        description="How batches run: compile, cuda_graphs, batch_buckets, decode_device, pipeline_depth, "
+        "max_images_per_forward."
+    )
     ready: bool
 
 
