@@ -1,0 +1,301 @@
+"""End to end on a GPU: vit-serve (ViT-B/16) over real HTTP with real JPEGs, in several configurations.
+
+For each configuration a real `vit-serve serve` process is started on the GPU and loaded by bench/loadgen.py with the
+benchmark's two images (W-small: chelsea 451x300, W-photo: the same at 1920x1280, JPEG q90) at several concurrencies.
+Around each level /metrics is read, so every row also says where the time went: the mean batch size, decode and
+preprocess time per image on the CPU, queue wait and forward time per batch. Then the same photographs go through the
+GPU-decode and the CPU-decode servers and their logits are compared (top-1 agreement, relative error).
+
+The weights are random (the GPU host has no network): throughput and latency do not depend on them.
+
+    python bench/gpu_serve.py --out DIR [--duration 8] [--warmup 2] [--quick] [--perf-analyzer PATH] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from bench import loadgen  # noqa: E402
+from tests.photos import jpeg, photo, photo_jpegs  # noqa: E402
+
+MAX_BATCH = 64
+TARGET_ROWS = [("photo", 16), ("photo", 64)]
+BASE = 'arch = "vit_b_16"\nweights = "random"\nlabels = "imagenet"\n'
+TINY = (
+    'arch = "vit"\nweights = "random"\nlabels = "imagenet"\n[arch_params]\nimage_size = 224\npatch_size = 16\n'
+    "num_layers = 2\nnum_heads = 2\nhidden_dim = 64\nmlp_dim = 128\n"
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    flags: list[str]
+    levels: list[tuple[str, int]]  # (workload, concurrency)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def configs(smoke: bool, quick: bool = False) -> list[Config]:
+    """The GPU-decode server first (kept up for the numerics), then the CPU-decode one, then eager for comparison."""
+    if smoke:  # the script's own logic on a CPU: a tiny model, CPU decode on both sides
+        cpu = ["--device", "cpu", "--decode-device", "cpu"]
+        return [Config("cpu a", cpu, [("small", 1), ("photo", 4)]), Config("cpu b", cpu, [("small", 4)])]
+    fast = ["--device", "cuda", "--dtype", "fp16", "--cuda-graphs"]
+    if quick:  # a short device lease: the targets' rows and the numerics only
+        return [
+            Config(
+                "fp16+graphs, decode cuda",
+                [*fast, "--decode-device", "cuda"],
+                [("small", 1), ("photo", 16), ("photo", 64)],
+            ),
+            Config("fp16+graphs, decode cpu", [*fast, "--decode-device", "cpu"], [("photo", 64)]),
+        ]
+    full = [("small", 1), ("small", 16), ("small", 64), ("photo", 1), ("photo", 16), ("photo", 64), ("photo", 128)]
+    return [
+        Config("fp16+graphs, decode cuda", [*fast, "--decode-device", "cuda"], full),
+        Config("fp16+graphs, decode cpu", [*fast, "--decode-device", "cpu"], [("small", 64), ("photo", 64)]),
+        Config(
+            "fp16 eager, decode cuda",
+            ["--device", "cuda", "--dtype", "fp16", "--decode-device", "cuda"],
+            [("photo", 64)],
+        ),
+    ]
+
+
+def images() -> dict[str, bytes]:
+    chelsea = photo("chelsea")
+    return {"small": jpeg(chelsea), "photo": jpeg(chelsea, size=(1920, 1280))}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get(url: str, timeout: float = 10) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+    except OSError:
+        return 0, b""
+
+
+def post(url: str, body: bytes, timeout: float = 60) -> dict[str, Any]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "image/jpeg"}, method="POST")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        result: dict[str, Any] = json.loads(response.read())
+        return result
+
+
+class Server:
+    """A real vit-serve process on the GPU; its log goes to a file."""
+
+    def __init__(self, config: Config, log_path: Path, repository: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "serve",
+            "--model-repository",
+            str(repository),
+            "--model",
+            "vit_b_16",
+            "--port",
+            str(self.port),
+            "--host",
+            "127.0.0.1",
+            "--max-batch-size",
+            str(MAX_BATCH),
+            "--max-queue-delay-ms",
+            "5",
+            "--max-queue-size",
+            "2048",
+            "--log-level",
+            "warning",
+            *config.flags,
+        ]
+        self._log = log_path.open("w")
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ})
+
+    def wait_ready(self, timeout_s: float = 300) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}")
+            if get(f"{self.url}/readyz", timeout=2)[0] == 200:
+                return time.monotonic() - started
+            time.sleep(0.5)
+        raise RuntimeError("server not ready in time")
+
+    def metrics(self) -> dict[str, float]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        _, body = get(f"{self.url}/metrics")
+        values: dict[str, float] = {}
+        for family in text_string_to_metric_families(body.decode()):
+            for sample in family.samples:
+                if sample.name.endswith(("_sum", "_count")) and sample.labels.get("model", "vit_b_16") == "vit_b_16":
+                    values[sample.name] = values.get(sample.name, 0.0) + sample.value
+        return values
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+
+def where_time_went(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    def mean(metric: str, scale: float = 1.0) -> float | None:
+        count = delta(f"{metric}_count")
+        return round(delta(f"{metric}_sum") / count * scale, 3) if count else None
+
+    return {
+        "mean_batch": mean("vit_batch_size"),
+        "prepare_ms_per_image": mean("vit_preprocess_seconds", 1000),
+        "queue_wait_ms": mean("vit_queue_wait_seconds", 1000),
+        "batch_ms": mean("vit_inference_seconds", 1000),
+        "batches": delta("vit_batch_size_count"),
+    }
+
+
+def numerics(urls: dict[str, str]) -> dict[str, Any]:
+    """The photographs through each server: top-1 agreement and the largest relative logit error against CPU decode."""
+    logits = {
+        name: np.array([post(f"{url}/v1/classify?top_k=1", data)["predictions"][0]["logits"] for data in photos])
+        for name, url in urls.items()
+        for photos in [list(photo_jpegs().values())]
+    }
+    reference = logits.pop("cpu")
+    result: dict[str, Any] = {"photos": len(reference)}
+    for name, values in logits.items():
+        relative = np.abs(values - reference).max(axis=1) / np.abs(reference).max(axis=1)
+        result[name] = {
+            "top1_agreement": float((values.argmax(1) == reference.argmax(1)).mean()),
+            "max_relative_error": float(relative.max()),
+            "mean_relative_error": float(relative.mean()),
+        }
+    return result
+
+
+def perf_analyzer(server: Server, binary: str, photo: bytes, out: Path) -> dict[str, Any]:
+    """bench/perf_analyzer.sh against the server (random tensors, then the 1920x1280 JPEG) at concurrency 16 and 64."""
+    image = out / "photo.jpg"
+    image.write_bytes(photo)
+    env = {**os.environ, "PERF_ANALYZER": binary, "PA_IMAGES": str(image), "PA_INTERVAL_MS": "2000"}
+    command = ["bash", str(HERE / "perf_analyzer.sh"), f"127.0.0.1:{server.port}", "vit_b_16", "16:64:48"]
+    started = time.monotonic()
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=100, check=False)
+        output, code = done.stdout + done.stderr, done.returncode
+    except subprocess.TimeoutExpired as expired:
+        partial = [
+            part.decode() if isinstance(part, bytes) else part or "" for part in (expired.stdout, expired.stderr)
+        ]
+        output, code = "".join(partial) + "\ntimed out", -1
+    (out / "perf_analyzer.log").write_text(output)
+    lines = [line.strip() for line in output.splitlines() if line.strip().startswith("Concurrency:")]
+    print(f"perf_analyzer: exit {code} in {time.monotonic() - started:.0f} s", flush=True)
+    return {"exit": code, "lines": lines}
+
+
+def measure(
+    server: Server, config: Config, workload: str, body: bytes, concurrency: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    before = server.metrics()
+    result = loadgen.run(
+        f"{server.url}/v1/classify?top_k=5",
+        body,
+        "image/jpeg",
+        concurrency,
+        args.duration,
+        args.warmup,
+        procs=min(concurrency, 6),
+    )
+    row = {"config": config.name, "workload": workload, **result.as_dict(), **where_time_went(before, server.metrics())}
+    row["images_per_s"] = row["rps"]  # one image a request
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--perf-analyzer", help="perf_analyzer's binary: also run bench/perf_analyzer.sh, 16 and 64")
+    parser.add_argument("--quick", action="store_true", help="the targets' rows and the numerics only (~1 minute)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: checks the script itself")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    bodies = images()
+    rows: list[dict[str, Any]] = []
+    report: dict[str, Any] = {"date": datetime.date.today().isoformat(), "rows": rows, "max_batch_size": MAX_BATCH}
+    import torch
+
+    report["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    report["torch"] = torch.__version__
+    report["image_bytes"] = {name: len(body) for name, body in bodies.items()}
+    servers: list[Server] = []
+    with tempfile.TemporaryDirectory() as work:
+        repository = Path(work) / "models"
+        (repository / "vit_b_16").mkdir(parents=True)
+        (repository / "vit_b_16" / "model.toml").write_text(TINY if args.smoke else BASE)
+        try:
+            for index, config in enumerate(configs(args.smoke, args.quick)):
+                server = Server(config, args.out / f"server-{index}.log", repository)
+                servers.append(server)
+                ready_s = server.wait_ready()
+                print(f"== {config.name}: ready in {ready_s:.1f} s", flush=True)
+                for workload, concurrency in config.levels:
+                    rows.append(measure(server, config, workload, bodies[workload], concurrency, args))
+                    print(json.dumps(rows[-1]), flush=True)
+                    save(args.out, report)  # as it goes: a run cut short keeps what it measured
+                if index == 0 and args.perf_analyzer:
+                    report["perf_analyzer"] = perf_analyzer(server, args.perf_analyzer, bodies["photo"], args.out)
+                if index == 1:  # the GPU-decode server (kept up, idle) and the CPU-decode one: the same photographs
+                    report["numerics"] = numerics({"cuda": servers[0].url, "cpu": server.url})
+                    print(json.dumps(report["numerics"]), flush=True)
+                if index >= 1:
+                    for done in servers:
+                        if done.process.poll() is None:
+                            done.stop()
+        finally:
+            for server in servers:
+                if server.process.poll() is None:
+                    server.stop()
+    save(args.out, report)
+
+
+def save(out: Path, report: dict[str, Any]) -> None:
+    (out / "gpu_serve.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
