@@ -1,0 +1,235 @@
+"""The client library and `vit-serve predict`: retries and their bounds against scripted answers, then a real server
+process with a folder of generated and real images, bad files among them."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as skdata
+
+from app.client import APIError, AsyncClient, Client, RetryPolicy
+from app.client.images import encode
+from app.client.predict import find_images
+from tests.processes import tiny_server_process
+
+OK_BODY = {"model": "m", "predictions": [{"top_k": [{"index": 3, "label": "three", "score": 0.9}]}]}
+NO_WAIT = RetryPolicy(attempts=4, base_delay_s=0, max_delay_s=0)
+
+
+def scripted(answers: list[Callable[[httpx.Request], httpx.Response]]) -> tuple[httpx.MockTransport, list[int]]:
+    """A transport that answers each request with the next function of `answers` (the last one repeats)."""
+    seen: list[int] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(len(seen))
+        return answers[min(len(seen), len(answers)) - 1](request)
+
+    return httpx.MockTransport(handle), seen
+
+
+def busy(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(503, json={"error": "full", "code": "queue_full"}, headers={"Retry-After": "0"})
+
+
+def ok(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(200, json=OK_BODY)
+
+
+def refused(request: httpx.Request) -> httpx.Response:
+    raise httpx.ConnectError("connection refused", request=request)
+
+
+def test_busy_answers_and_connection_errors_are_tried_again_until_one_succeeds() -> None:
+    transport, seen = scripted([busy, refused, ok])
+    with Client("http://test", transport=transport, retry=NO_WAIT) as client:
+        predictions = client.classify(b"image bytes")
+    assert predictions[0].top_k[0].label == "three"
+    assert len(seen) == 3 and client.retries == 2
+
+
+def test_retries_are_bounded_and_the_last_answer_is_raised() -> None:
+    transport, seen = scripted([busy])
+    with Client("http://test", transport=transport, retry=NO_WAIT) as client, pytest.raises(APIError) as raised:
+        client.classify(b"image bytes")
+    assert raised.value.status == 503 and raised.value.code == "queue_full"
+    assert len(seen) == 4  # NO_WAIT allows 4 attempts in all
+
+
+def test_an_unreachable_server_is_an_api_error_with_status_0() -> None:
+    transport, seen = scripted([refused])
+    with Client("http://test", transport=transport, retry=NO_WAIT) as client, pytest.raises(APIError) as raised:
+        client.classify(b"image bytes")
+    assert raised.value.status == 0 and "cannot reach" in raised.value.message and len(seen) == 4
+
+
+def test_a_client_error_is_not_tried_again_and_names_its_image() -> None:
+    def bad(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, json={"error": "cannot decode image", "code": "invalid_image", "index": 1})
+
+    transport, seen = scripted([bad])
+    with Client("http://test", transport=transport, retry=NO_WAIT) as client, pytest.raises(APIError) as raised:
+        client.classify([b"a", b"b"])
+    assert (raised.value.status, raised.value.index, len(seen)) == (400, 1, 1)
+    assert raised.value.image_at_fault
+
+
+def test_retry_after_is_honoured_and_capped() -> None:
+    policy = RetryPolicy(max_delay_s=5)
+    assert policy.delay(1, httpx.Response(503, headers={"Retry-After": "2"})) == 2
+    assert policy.delay(1, httpx.Response(503, headers={"Retry-After": "120"})) == 5
+    assert policy.delay(1, httpx.Response(503, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})) == 0
+    assert 0 <= policy.delay(3, httpx.Response(503)) <= 0.8  # no header: jittered backoff, 0.2 x 2^2 at most
+
+
+async def test_the_async_client_retries_the_same_way() -> None:
+    seen: list[int] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(1)
+        return busy(request) if len(seen) < 3 else ok(request)
+
+    async with AsyncClient("http://test", transport=httpx.MockTransport(handle), retry=NO_WAIT) as client:
+        predictions = await client.classify(b"x", top_k=1)
+    assert predictions[0].top_k[0].index == 3 and client.retries == 2
+
+
+def test_images_are_sent_as_given_or_as_lossless_png(tmp_path: Path) -> None:
+    array = skdata.astronaut()[:64, :48]
+    path = tmp_path / "a.jpg"
+    path.write_bytes(b"\xff\xd8 jpeg bytes")
+    assert encode(path) == (b"\xff\xd8 jpeg bytes", "image/jpeg")
+    assert encode(str(path))[0] == b"\xff\xd8 jpeg bytes"
+    for image in (array, Image.fromarray(array)):
+        data, content_type = encode(image)
+        assert content_type == "image/png"
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), array)
+    with pytest.raises(TypeError, match="cannot send a dict"):
+        encode({"not": "an image"})
+
+
+def jpeg(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_the_client_against_a_real_server(tmp_path: Path) -> None:
+    chelsea = skdata.chelsea()
+    path = tmp_path / "chelsea.jpg"
+    path.write_bytes(jpeg(chelsea))
+    with tiny_server_process(tmp_path) as url, Client(url) as client:
+        assert client.ready()
+        assert client.models()["default"] == "tiny"
+        predictions = client.classify([path, jpeg(chelsea), Image.fromarray(chelsea), chelsea], top_k=3, logits=True)
+        assert len(predictions) == 4 and all(len(p.top_k) == 3 for p in predictions)
+        assert predictions[0] == predictions[1]  # the same bytes, as a path and as bytes
+        np.testing.assert_allclose(predictions[2].logits, predictions[3].logits)  # PIL and numpy: the same PNG
+        with pytest.raises(APIError) as raised:
+            client.classify([path, b"not an image"])
+        assert raised.value.status == 415 and raised.value.index == 1
+        assert client.classify(path, model="tiny")[0].logits is None
+
+
+def image_folder(root: Path) -> dict[str, str]:
+    """A folder of images to classify, bad ones among them; what each should come to ('ok' or the error's start)."""
+    (root / "photos" / "nested").mkdir(parents=True)
+    expected = {}
+    for name, array in [("chelsea", skdata.chelsea()), ("coffee", skdata.coffee()), ("camera", skdata.camera())]:
+        path = root / "photos" / f"{name}.jpg"
+        path.write_bytes(jpeg(array))
+        expected[str(path)] = "ok"
+    for i in range(7):
+        path = root / "photos" / "nested" / f"generated{i}.png"
+        Image.new("RGB", (40 + i, 30), ((40 * i) % 256, 90, 200)).save(path)
+        expected[str(path)] = "ok"
+    broken = root / "photos" / "broken.jpg"
+    broken.write_bytes(jpeg(skdata.chelsea())[:3000])
+    expected[str(broken)] = "400 invalid_image"
+    text = root / "photos" / "notes.png"
+    text.write_text("not a picture")
+    expected[str(text)] = "415 unsupported_image_format"
+    dangling = root / "photos" / "gone.jpg"
+    dangling.symlink_to(root / "nowhere.jpg")
+    expected[str(dangling)] = "unreadable"
+    (root / "photos" / "README.txt").write_text("skipped: not an image suffix")
+    return expected
+
+
+def predict(url: str, *args: str, progress: bool = False) -> subprocess.CompletedProcess[str]:
+    flags = [] if progress else ["--no-progress"]
+    command = [str(Path(sys.executable).parent / "vit-serve"), "predict", "--url", url, *flags, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_predict_a_folder_writes_a_line_per_image_and_fails_only_the_bad_ones(tmp_path: Path) -> None:
+    expected = image_folder(tmp_path)
+    assert len(find_images([tmp_path / "photos"])) == len(expected)
+    output = tmp_path / "out.jsonl"
+    with tiny_server_process(tmp_path) as url:
+        run = predict(url, str(tmp_path / "photos"), "--output", str(output), "--batch", "4", "--top-k", "2")
+        assert run.returncode == 1, run.stderr  # some images failed
+        lines = [json.loads(line) for line in output.read_text().splitlines()]
+        assert sorted(line["path"] for line in lines) == sorted(expected)
+        for line in lines:
+            want = expected[line["path"]]
+            if want == "ok":
+                assert line["error"] is None and len(line["top_k"]) == 2, line
+            else:
+                assert line["error"].startswith(want) and line["top_k"] is None, line
+        assert "13 images: 10 classified, 3 failed, 0 skipped" in run.stderr
+
+        again = predict(url, str(tmp_path / "photos"), "--output", str(output))
+        assert again.returncode == 2 and "exists" in again.stderr  # never overwrites a run's output
+        resumed = predict(url, str(tmp_path / "photos"), "--output", str(output), "--resume")
+        assert "13 images: 0 classified, 3 failed, 10 skipped" in resumed.stderr  # only the failed ones again
+        assert len(output.read_text().splitlines()) == 16
+
+        table = tmp_path / "out.csv"
+        files = [str(tmp_path / "photos" / "chelsea.jpg"), str(tmp_path / "photos" / "notes.png")]
+        assert predict(url, *files, "--output", str(table)).returncode == 1
+        with table.open(newline="") as stream:
+            rows = {row["path"]: row for row in csv.DictReader(stream)}  # lines come in the order images finish
+        assert table.read_text().startswith("path,label,score,top_k,error\n") and len(rows) == 2
+        good, bad = rows[files[0]], rows[files[1]]
+        assert good["label"].startswith("label ") and float(good["score"]) > 0 and not good["error"]
+        assert len(json.loads(good["top_k"])) == 5
+        assert bad["error"].startswith("415 unsupported_image_format") and not bad["label"]
+
+
+def test_predict_rides_out_a_full_queue_with_retries(tmp_path: Path) -> None:
+    """A server that can hold 4 images, 6 clients sending 4 at once: refused with 503, sent again, all answered."""
+    for i in range(48):
+        Image.new("RGB", (64, 64), (i * 5, 100, 50)).save(tmp_path / f"{i}.png")
+    with tiny_server_process(tmp_path, "--max-queue-size", "4", "--max-batch-size", "4") as url:
+        run = predict(url, str(tmp_path), "--batch", "4", "--concurrency", "6", "--attempts", "50", progress=True)
+    assert run.returncode == 0, run.stderr
+    assert len(run.stdout.splitlines()) == 48
+    assert "48/48" in run.stderr and "img/s" in run.stderr  # the progress bar, with its rate
+    summary = run.stderr.strip().splitlines()[-1]
+    assert "48 images: 48 classified, 0 failed" in summary
+    sent_again = int(summary.split("; ")[-1].split()[0])
+    assert sent_again > 0  # the 503s happened, and were retried
+
+
+def test_the_api_key_goes_with_every_request_as_a_bearer_token() -> None:
+    headers: list[str | None] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        headers.append(request.headers.get("Authorization"))
+        return ok(request) if request.url.path.endswith("classify") else httpx.Response(200, json={"default": "m"})
+
+    with Client("http://test", api_key="s3cret", transport=httpx.MockTransport(handle)) as client:
+        client.classify(b"x")
+        client.models()
+        client.ready()
+    assert headers == ["Bearer s3cret"] * 3
