@@ -14,6 +14,8 @@ FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS deps
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
 ARG TORCH_INDEX_URL=https://pypi.org/simple
+# Optional model sources, comma-separated: --build-arg EXTRAS=hf,timm (Hugging Face Transformers and timm models).
+ARG EXTRAS=""
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
@@ -23,7 +25,9 @@ WORKDIR /src
 COPY pyproject.toml ./
 # Only the dependencies, read from pyproject.toml, so that this layer survives every change to the source.
 RUN pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
- && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+ && python -c "import os, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+extras = [e for e in os.environ['EXTRAS'].split(',') if e]; \
+print('\n'.join(p['dependencies'] + [d for e in extras for d in p['optional-dependencies'][e]]))" \
         > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt
 

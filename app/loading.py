@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import torch
+from PIL import Image
 from torch import nn
 from torchvision.models import Weights, get_model, get_model_weights
 from torchvision.models.vision_transformer import VisionTransformer
@@ -16,7 +18,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 from app.errors import ModelLoadError
 from app.labels import load_labels
 from app.model_config import ModelConfig
-from app.preprocess import PreprocessParams, preset_params
+from app.preprocess import Preprocessor, PreprocessParams, build_preprocessor, preset_params
 
 log = logging.getLogger(__name__)
 
@@ -30,20 +32,32 @@ class LoadedModel:
 
     module: nn.Module
     labels: list[str]
-    preprocess: PreprocessParams
+    preprocessor: Preprocessor
+    preprocess_info: dict[str, Any]
     image_size: int
     weights_source: str
     num_params: int
+    tensor_preprocess: bool = True  # the preprocessor also takes (3, h, w) uint8 tensors: JPEGs may decode on a GPU
 
 
 def load_model(
     config: ModelConfig, *, device: torch.device, dtype: torch.dtype, cache_dir: Path | None = None
 ) -> LoadedModel:
+    if config.arch == "hf":
+        loaded = _load_hf(config)
+    elif config.arch.startswith("timm:"):
+        loaded = _load_timm(config)
+    else:
+        loaded = _load_torchvision(config, cache_dir)
+    loaded.module.eval().requires_grad_(False).to(device=device, dtype=dtype)
+    return loaded
+
+
+def _load_torchvision(config: ModelConfig, cache_dir: Path | None) -> LoadedModel:
     labels = load_labels(config)
     pretrained = _pretrained_weights(config)
     if config.weights == RANDOM:
-        module = _random_model(config, num_classes=len(labels))
-        log.warning("model %r serves RANDOM weights: its predictions are meaningless", config.name)
+        module = _random_model(config, lambda: _build(config, num_classes=len(labels), pretrained=None), len(labels))
         source = RANDOM
     else:
         module = _build(config, num_classes=len(labels), pretrained=pretrained)
@@ -61,15 +75,73 @@ def load_model(
             f"model {config.name!r}: preprocess crop_size = {params.crop_size} but the model takes "
             f"{image_size}x{image_size} images; make them equal"
         )
-    module.eval().requires_grad_(False).to(device=device, dtype=dtype)
+    return _loaded(config, module, labels, build_preprocessor(params), params.as_dict(), source)
+
+
+def _load_hf(config: ModelConfig) -> LoadedModel:
+    from app.hf_models import load_hf
+
+    hf = load_hf(config)
+    labels = load_labels(config) if config.labels is not None or hf.labels is None else hf.labels
+    head = hf.module.model.config.num_labels  # type: ignore[union-attr]
+    if len(labels) != head:
+        raise ModelLoadError(f"model {config.name!r}: {len(labels)} labels for a model of {head} classes")
+    return _loaded(config, hf.module, labels, hf.preprocessor, hf.preprocess_info, hf.source, tensor_preprocess=False)
+
+
+def _load_timm(config: ModelConfig) -> LoadedModel:
+    from app.timm_models import TimmModel, build_timm
+
+    labels = load_labels(config)
+    built: list[TimmModel] = []
+
+    def build() -> nn.Module:
+        built.append(build_timm(config, len(labels)))
+        return built[-1].module
+
+    if config.weights == RANDOM:
+        module = _random_model(config, build, len(labels))
+        source = RANDOM
+    else:
+        module = build()
+        path = config.resolve(config.weights)
+        _load_state_dict(config, module, _read_state_dict(config, path))
+        source = str(path)
+    info = built[-1].preprocess_info
+    preprocessor = built[-1].preprocessor
+    return _loaded(config, module, labels, preprocessor, info, f"{config.arch}:{source}", tensor_preprocess=False)
+
+
+def _loaded(
+    config: ModelConfig,
+    module: nn.Module,
+    labels: list[str],
+    preprocessor: Preprocessor,
+    info: dict[str, Any],
+    source: str,
+    *,
+    tensor_preprocess: bool = True,
+) -> LoadedModel:
+    if source.endswith(RANDOM):
+        log.warning("model %r serves RANDOM weights: its predictions are meaningless", config.name)
     return LoadedModel(
         module=module,
         labels=labels,
-        preprocess=params,
-        image_size=image_size,
+        preprocessor=preprocessor,
+        preprocess_info=info,
+        image_size=_input_side(preprocessor),
         weights_source=source,
         num_params=sum(p.numel() for p in module.parameters()),
+        tensor_preprocess=tensor_preprocess,
     )
+
+
+def _input_side(preprocessor: Preprocessor) -> int:
+    """The side of the square input the preprocessing gives (run once on a blank image)."""
+    pixels = preprocessor(Image.new("RGB", (97, 83)))
+    if pixels.dim() != 3 or pixels.shape[0] != 3 or pixels.shape[1] != pixels.shape[2]:
+        raise ModelLoadError(f"preprocessing gives {list(pixels.shape)}; vit-serve serves square 3-channel inputs")
+    return int(pixels.shape[1])
 
 
 def download_pretrained(config: ModelConfig, cache_dir: Path | None = None) -> Path | None:
@@ -117,12 +189,12 @@ def _build(config: ModelConfig, *, num_classes: int, pretrained: Weights | None)
     return built
 
 
-def _random_model(config: ModelConfig, *, num_classes: int) -> nn.Module:
+def _random_model(config: ModelConfig, build: Callable[[], nn.Module], num_classes: int) -> nn.Module:
     """Seeded, so every replica and restart serves the same random model; the head is drawn too, since
     torchvision initialises it to zeros (every logit 0), which would hide whether images reach the model."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        module = _build(config, num_classes=num_classes, pretrained=None)
+        module = build()
         for layer in module.modules():
             if isinstance(layer, nn.Linear) and layer.out_features == num_classes:
                 nn.init.normal_(layer.weight, std=0.5)

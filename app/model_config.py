@@ -82,6 +82,8 @@ def load_model_config(repository: Path, name: str, *, weights_override: str | No
         raise ModelLoadError(f"model {name!r}: cannot read {path}: {exc}") from exc
     if weights_override is not None:
         raw["weights"] = _weights_from_command_line(weights_override)
+    if raw.get("arch") == "hf":
+        raw.setdefault("weights", ".")  # the Hugging Face files in the model folder itself
     try:
         config = ModelConfig(name=name, folder=folder.resolve(), **raw)
     except ValidationError as exc:
@@ -115,17 +117,21 @@ def _weights_from_command_line(value: str) -> str:
 
 
 def _check_arch(config: ModelConfig, path: Path) -> None:
+    where = f"model {config.name!r}: {path}:"
     if config.arch == "vit":
         if config.arch_params is None:
-            raise ModelLoadError(f'model {config.name!r}: {path}: arch = "vit" needs an [arch_params] table')
+            raise ModelLoadError(f'{where} arch = "vit" needs an [arch_params] table')
     elif config.arch in TORCHVISION_ARCHS:
         if config.arch_params is not None:
+            raise ModelLoadError(f'{where} [arch_params] is only for arch = "vit"; {config.arch} has fixed parameters')
+    elif config.arch == "hf" or (config.arch.startswith("timm:") and config.arch != "timm:"):
+        if config.arch_params is not None or config.preprocess != PreprocessConfig():
             raise ModelLoadError(
-                f'model {config.name!r}: {path}: [arch_params] is only for arch = "vit"; '
-                f"{config.arch} has fixed parameters"
+                f"{where} {config.arch} models bring their own architecture and preprocessing; "
+                "remove [arch_params] and [preprocess]"
             )
     else:
         raise ModelLoadError(
-            f"model {config.name!r}: {path}: unknown arch {config.arch!r}; "
-            f'use one of {", ".join(TORCHVISION_ARCHS)} or "vit"'
+            f"{where} unknown arch {config.arch!r}; "
+            f'use one of {", ".join(TORCHVISION_ARCHS)}, "vit", "hf" or "timm:<timm model name>"'
         )

@@ -24,7 +24,7 @@ from app.lanes import Lane, LaneSpec, Prepared
 from app.loading import LoadedModel
 from app.memory import forward_bytes_per_image, images_per_forward
 from app.postprocess import ImageOutput
-from app.preprocess import build_preprocessor, preprocess
+from app.preprocess import preprocess
 from app.runner import batch_buckets, build_forward, compile_module
 from app.settings import AccelerationConfig, BatchingConfig
 
@@ -67,11 +67,13 @@ class ServedModel:
         self.labels = loaded.labels
         self._loaded = loaded
         self._module: nn.Module = loaded.module
-        self._preprocessor = build_preprocessor(loaded.preprocess)
+        self._preprocessor = loaded.preprocessor
         self._device = device
         self._dtype = dtype
         self.acceleration = acceleration
-        self.decode_on_device = acceleration.decode_device in ("auto", "cuda") and device.type == "cuda"
+        self.decode_on_device = (
+            acceleration.decode_device in ("auto", "cuda") and device.type == "cuda" and loaded.tensor_preprocess
+        )
         self.pipeline_depth = acceleration.pipeline_depth or (2 if device.type == "cuda" else 1)
         self.max_images_per_forward = batching.max_batch_size  # bounded by device memory in the warm-up
         self.buckets: list[int] = []  # batch sizes compiled or captured, in the warm-up
@@ -228,7 +230,7 @@ class ServedModel:
             device=str(self._device),
             dtype=dtype_name(self._dtype),
             batching=self.batcher.config.model_dump(),
-            preprocess=self._loaded.preprocess.as_dict(),
+            preprocess=self._loaded.preprocess_info,
             acceleration=self.acceleration_info(),
             ready=self.ready,
         )

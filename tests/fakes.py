@@ -17,12 +17,13 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 from app.engine import Engine, Limits
 from app.loading import LoadedModel
-from app.preprocess import PreprocessParams
+from app.preprocess import PreprocessParams, build_preprocessor
 from app.served_model import ServedModel
 from app.settings import AccelerationConfig, BatchingConfig
 
 FAKE_IMAGE_SIZE = 32
 FAKE_CLASSES = 10
+FAKE_PREPROCESS = PreprocessParams(crop_size=FAKE_IMAGE_SIZE, resize_size=36)
 
 
 class FakeViT(nn.Module):
@@ -93,7 +94,8 @@ def fake_served_model(
     loaded = LoadedModel(
         module=module,
         labels=[f"class{i}" for i in range(num_classes)],
-        preprocess=PreprocessParams(crop_size=FAKE_IMAGE_SIZE, resize_size=36),
+        preprocessor=build_preprocessor(FAKE_PREPROCESS),
+        preprocess_info=FAKE_PREPROCESS.as_dict(),
         image_size=FAKE_IMAGE_SIZE,
         weights_source="fake",
         num_params=module.weight.numel(),
