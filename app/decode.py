@@ -13,10 +13,13 @@ ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 ACCEPTED_FORMATS_TEXT = "JPEG, PNG, WebP, BMP, GIF or TIFF"
 
 
-def decode(data: bytes, *, max_pixels: int) -> Image.Image:
+def decode(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> Image.Image:
     """Decode one image: the first frame, EXIF orientation applied, converted to RGB.
 
-    Raises a 4xx `ServeError` for anything that is not a decodable image within `max_pixels`.
+    With `draft_size`, a JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (libjpeg's scaled decoding,
+    through PIL's `draft`), the largest reduction that keeps both sides at least `draft_size`: several times faster
+    on large photos, and slightly different pixels. Raises a 4xx `ServeError` for anything that is not a decodable
+    image within `max_pixels` (checked on the full size).
     """
     if not data:
         raise BadRequest("empty image", code="empty_image")
@@ -37,6 +40,8 @@ def decode(data: bytes, *, max_pixels: int) -> Image.Image:
         raise InvalidImage("image has no pixels")
     result: Image.Image | None = None
     try:
+        if draft_size is not None and image.format == "JPEG":
+            image.draft(image.mode, (draft_size, draft_size))
         image.load()
         ImageOps.exif_transpose(image, in_place=True)  # no copy when the picture is already upright
         if image.mode == "P" and "transparency" in image.info:

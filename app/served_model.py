@@ -76,6 +76,9 @@ class ServedModel:
         )
         self.pipeline_depth = acceleration.pipeline_depth or (2 if device.type == "cuda" else 1)
         self.max_images_per_forward = batching.max_batch_size  # bounded by device memory in the warm-up
+        # JPEGs decoded at a reduced scale, no smaller than the preset's resize (torchvision presets only)
+        resize = loaded.preprocess_info.get("resize_size")
+        self.draft_size: int | None = resize if acceleration.jpeg_draft and isinstance(resize, int) else None
         self.buckets: list[int] = []  # batch sizes compiled or captured, in the warm-up
         self._lanes: queue.SimpleQueue[Lane] = queue.SimpleQueue()
         self.on_batch: Callable[[BatchRecord], None] | None = None
@@ -115,7 +118,7 @@ class ServedModel:
             jpeg = probe_jpeg(data, max_pixels=max_pixels)
             if jpeg is not None:
                 return jpeg
-        return preprocess(decode(data, max_pixels=max_pixels), self._preprocessor)
+        return preprocess(decode(data, max_pixels=max_pixels, draft_size=self.draft_size), self._preprocessor)
 
     def forward(self, images: list[Prepared]) -> list[ImageOutput | ServeError]:
         """Run one batch in a free lane: n prepared images -> n outputs. Runs on one of the batcher's threads."""
@@ -207,6 +210,7 @@ class ServedModel:
             "cuda_graphs": self.acceleration.cuda_graphs and self.on_gpu,
             "batch_buckets": self.buckets,
             "decode_device": "cuda" if self.decode_on_device else "cpu",
+            "jpeg_draft": self.draft_size is not None,
             "pipeline_depth": self.pipeline_depth,
             "max_images_per_forward": self.max_images_per_forward,
         }

@@ -49,23 +49,39 @@ def markdown(record: dict[str, Any], *, quick: bool) -> str:
         "| model | workload | concurrency | vit-serve | naive | vit-serve / naive | vit-serve / limit (2-thread) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for x in (c for c in cells if c["server"] == "vit-serve"):
+    lines += _rows(cells, limits, "vit-serve")
+    if any(c["server"] == "vit-serve-draft" for c in cells):
+        lines += [
+            "",
+            "## Opt-in: `--jpeg-draft` (JPEGs decoded at a reduced scale in the DCT domain; logits differ slightly)",
+            "",
+            "| model | workload | concurrency | vit-serve --jpeg-draft | naive | / naive | / limit (2-thread, exact) |",
+            "|---|---|---|---|---|---|---|",
+            *_rows(cells, limits, "vit-serve-draft"),
+        ]
+    lines += ["", "Latency against throughput: the `.png` beside this file.", ""]
+    return "\n".join(lines)
+
+
+def _rows(cells: list[dict[str, Any]], limits: list[dict[str, Any]], server: str) -> list[str]:
+    """One table row per cell of `server`, with the same-sitting naive baseline and the offline limit."""
+    lines = []
+    for x in (c for c in cells if c["server"] == server):
         base = _cell(cells, "naive", x["model"], x["workload"], x["concurrency"])
         limit = next((lim for lim in limits if (lim["model"], lim["workload"]) == (x["model"], x["workload"])), None)
-
-        def fmt(c: dict[str, Any] | None) -> str:
-            if c is None:
-                return "-"
-            text = f"{c['rps']:.1f} / {c['p50_ms']:.1f} / {c['p99_ms']:.1f}"
-            return text + (f" ({c['errors']} errors)" if c["errors"] else "")
-
         ratio = f"{x['rps'] / base['rps']:.2f}" if base and base["rps"] else "-"
         to_limit = f"{x['rps'] / limit['b16_2thread_img_s']:.2f}" if limit and limit["b16_2thread_img_s"] else "-"
         lines.append(
-            f"| {x['model']} | {x['workload']} | {x['concurrency']} | {fmt(x)} | {fmt(base)} | {ratio} | {to_limit} |"
+            f"| {x['model']} | {x['workload']} | {x['concurrency']} | {_fmt(x)} | {_fmt(base)} | {ratio} | {to_limit} |"
         )
-    lines += ["", "Latency against throughput: the `.png` beside this file.", ""]
-    return "\n".join(lines)
+    return lines
+
+
+def _fmt(c: dict[str, Any] | None) -> str:
+    if c is None:
+        return "-"
+    text = f"{c['rps']:.1f} / {c['p50_ms']:.1f} / {c['p99_ms']:.1f}"
+    return text + (f" ({c['errors']} errors)" if c["errors"] else "")
 
 
 def plot(record: dict[str, Any], path: Path) -> None:
@@ -78,11 +94,13 @@ def plot(record: dict[str, Any], path: Path) -> None:
     panels = sorted({(c["model"], c["workload"]) for c in cells})
     figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
     for axis, (model, workload) in zip(axes[0], panels, strict=True):
-        for server, style in (("vit-serve", "o-"), ("naive", "s--")):
+        for server, style in (("vit-serve", "o-"), ("naive", "s--"), ("vit-serve-draft", "^:")):
             points = sorted(
                 (c for c in cells if (c["server"], c["model"], c["workload"]) == (server, model, workload)),
                 key=lambda c: c["concurrency"],
             )
+            if not points:
+                continue
             axis.plot([c["rps"] for c in points], [c["p50_ms"] for c in points], style, label=server)
             for c in points:
                 axis.annotate(f"c={c['concurrency']}", (c["rps"], c["p50_ms"]), fontsize=7)

@@ -32,7 +32,9 @@ from bench.workload import MODELS, WORKLOADS, write  # noqa: E402
 
 # model -> (concurrency levels, measured seconds, warm-up seconds): the peers' matrix
 MATRIX = {"tiny": ([1, 4, 16, 64], 20, 5), "base": ([1, 16], 30, 5)}
-SERVERS = ("vit-serve", "naive")
+SERVERS = ("vit-serve", "naive", "vit-serve-draft")
+# the opt-in --jpeg-draft path matters for large JPEGs only: measured where decode dominates
+DRAFT_CELLS = {("tiny", "photo")}
 
 
 def free_port() -> int:
@@ -51,7 +53,7 @@ def post(url: str, data: bytes, timeout: float = 300) -> float:
 
 
 def start(server: str, model: str, work: Path, port: int, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    if server == "vit-serve":
+    if server.startswith("vit-serve"):
         command = [
             str(Path(sys.executable).parent / "vit-serve"),
             "serve",
@@ -65,6 +67,7 @@ def start(server: str, model: str, work: Path, port: int, log: Path) -> tuple[su
             str(port),
             "--log-level",
             "warning",
+            *(["--jpeg-draft"] if server == "vit-serve-draft" else []),
         ]
         url = f"http://127.0.0.1:{port}/v1/classify?logits=false"
     else:
@@ -182,11 +185,14 @@ def main() -> None:
         if args.quick:
             seconds, warm = 3, 1
         for server in SERVERS:
+            workloads = [w for w in WORKLOADS if server != "vit-serve-draft" or (model, w) in DRAFT_CELLS]
+            if not workloads:
+                continue
             port = free_port()
             process, url = start(server, model, work, port, work / f"{server}-{model}.log")
             try:
                 wait_answering(url, bodies["small"].read_bytes(), process)
-                for workload in WORKLOADS:
+                for workload in workloads:
                     data = bodies[workload].read_bytes()
                     idle_s = min(post(url, data) for _ in range(5))
                     for connections in levels:
@@ -207,7 +213,7 @@ def main() -> None:
                         }
                         cells.append(cell)
                         print(
-                            f"{server:9s} {model} {workload:5s} c={connections:<3d} {cell['rps']:8.1f} req/s "
+                            f"{server:15s} {model} {workload:5s} c={connections:<3d} {cell['rps']:8.1f} req/s "
                             f"p50 {cell['p50_ms']:8.1f} ms p99 {cell['p99_ms']:8.1f} ms errors {errors}",
                             flush=True,
                         )

@@ -516,3 +516,30 @@ def test_preprocessing_equals_torchvision_preset_exactly(weights: ViT_B_16_Weigh
     assert tensor.shape == expected.shape == (3, crop, crop)
     assert tensor.dtype == expected.dtype == torch.float32
     assert torch.equal(tensor, expected)
+
+
+def test_jpeg_draft_decodes_a_large_photo_at_a_reduced_scale_but_never_below_the_resize() -> None:
+    """Opt-in (`jpeg_draft`): libjpeg's DCT-domain scaling. Measured on 9 photographs with a random ViT-B/16: the same
+    top-1 for all; logits within 0.002-0.004 relative for 1920x1280 photos, up to 0.025 when the draft itself lands
+    on the resize size (512x512 -> 256x256)."""
+    preset = build_preprocessor(PreprocessParams(crop_size=224, resize_size=256))
+    photo = _jpeg(Image.fromarray(skimage.data.chelsea()).resize((1920, 1280), Image.Resampling.BILINEAR))
+    drafted = decode(photo, max_pixels=10**8, draft_size=256)
+    assert drafted.size == (480, 320) and drafted.mode == "RGB"  # 1/4 scale; 1/8 would be 240x160, below 256
+    exact = preset(decode(photo, max_pixels=10**8))
+    assert (preset(drafted) - exact).abs().mean().item() < 0.02  # measured 0.0099 (normalised units)
+    small = _jpeg(Image.fromarray(skimage.data.chelsea()))  # 451x300: no reduction keeps both sides >= 256
+    assert np.array_equal(
+        np.asarray(decode(small, max_pixels=10**8, draft_size=256)), np.asarray(decode(small, max_pixels=10**8))
+    )
+    png = io.BytesIO()
+    Image.fromarray(skimage.data.coffee()).save(png, format="PNG")
+    assert decode(png.getvalue(), max_pixels=10**8, draft_size=64).size == (600, 400)  # only JPEGs have a draft mode
+    with pytest.raises(PayloadTooLarge):  # the pixel limit counts the full size, not the draft's
+        decode(photo, max_pixels=1920 * 1280 - 1, draft_size=256)
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
