@@ -83,25 +83,16 @@ class VitServe(BaseSettings):
 
 
 def serve(settings: Settings) -> None:
-    import uvicorn
-
-    from app.api.app import create_app
-    from app.engine import Engine
     from app.logs import configure_logging
-    from app.server import Server
 
     configure_logging(settings.log_level, settings.log_format)
-    engine = Engine.load(settings)
-    config = uvicorn.Config(
-        create_app(settings, engine),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,  # configured above: one format for every logger
-        access_log=False,  # the telemetry middleware writes one richer line per request
-        timeout_graceful_shutdown=None,  # the server's own watchdog bounds the whole drain
-        server_header=False,
-    )
-    Server(config, engine=engine, drain_timeout_s=settings.drain_timeout_s).run()
+    if settings.workers > 1:
+        from app.workers import supervise
+
+        sys.exit(supervise(settings))
+    from app.server import serve as serve_one
+
+    serve_one(settings)
 
 
 def download(command: Download) -> None:

@@ -106,8 +106,9 @@ class Engine:
     @classmethod
     def load(cls, settings: Settings) -> Engine:
         """Read every named model's config and load its weights (blocking; raises `ModelLoadError`)."""
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+        threads = settings.resolved_torch_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         acceleration = settings.acceleration()

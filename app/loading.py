@@ -37,7 +37,8 @@ class LoadedModel:
     image_size: int
     weights_source: str
     num_params: int
-    tensor_preprocess: bool = True  # the preprocessor also takes (3, h, w) uint8 tensors: JPEGs may decode on a GPU
+    # The preprocessor also takes (3, h, w) and (n, 3, h, w) uint8 tensors: JPEGs may decode on a GPU.
+    tensor_preprocess: bool = True
 
 
 def load_model(

@@ -1,9 +1,10 @@
-"""Every Prometheus metric of the service, declared here and only here, in a registry of its own."""
+"""Every Prometheus metric of the service, declared here (and the sampled ones of `workers` in `worker_metrics`), in a
+registry of its own. With several workers, prometheus-client's multiprocess mode sums them across the processes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import ClassVar
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from prometheus_client import (
@@ -15,6 +16,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from app.batcher import BatchRecord
@@ -27,6 +29,7 @@ from app.errors import (
     ServeError,
 )
 from app.served_model import ServedModel
+from app.worker_metrics import CUDA_MEMORY, WorkerSampler, cuda_memory_ready
 
 # Sub-millisecond to a minute: a probe, a CPU forward of ViT-B at batch 1, a loaded queue, a timeout.
 LATENCY_BUCKETS = (
@@ -38,13 +41,20 @@ REJECTION_REASONS = ("queue_full", "deadline", "cancelled", "invalid_input", "no
 
 
 class Metrics:
-    """The service's metrics for one engine. An `EngineObserver`: the engine reports batches and decode times."""
+    """The service's metrics for one engine. An `EngineObserver`: the engine reports batches and decode times.
 
-    def __init__(self, engine: Engine, registry: CollectorRegistry | None = None) -> None:
+    `registry` is what `/metrics` exposes. With `multiprocess_dir` (one of several workers, started with
+    PROMETHEUS_MULTIPROC_DIR set to it) the metrics are written there and `registry` reads every worker's files; the
+    values read from the process at scrape time (queue depth, readiness, memory) are then sampled every second by a
+    `WorkerSampler` between `start()` and `stop()`.
+    """
+
+    def __init__(
+        self, engine: Engine, registry: CollectorRegistry | None = None, *, multiprocess_dir: Path | None = None
+    ) -> None:
         # No `*_created` series: they double the series count and no dashboard here reads them. (Process-wide.)
         disable_created_metrics()  # type: ignore[no-untyped-call]
-        self.registry = registry or CollectorRegistry()
-        r = self.registry
+        r = CollectorRegistry() if multiprocess_dir is not None else registry or CollectorRegistry()
         self.requests = Counter(
             "vit_requests", "HTTP requests answered, by route and status.", ["model", "endpoint", "code"], registry=r
         )
@@ -55,10 +65,16 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.inflight = Gauge("vit_inflight_requests", "HTTP requests being handled now.", registry=r)
+        self.inflight = Gauge(
+            "vit_inflight_requests", "HTTP requests being handled now.", multiprocess_mode="livesum", registry=r
+        )
         self.images = Counter("vit_images", "Images run through the model.", ["model"], registry=r)
         self.queue_depth = Gauge(
-            "vit_queue_depth", "Images admitted and not yet computed (being decoded or queued).", ["model"], registry=r
+            "vit_queue_depth",
+            "Images admitted and not yet computed (being decoded or queued).",
+            ["model"],
+            multiprocess_mode="livesum",
+            registry=r,
         )
         self.queue_wait = Histogram(
             "vit_queue_wait_seconds",
@@ -93,20 +109,41 @@ class Metrics:
             "vit_rejected", "Requests not answered with a result, by reason.", ["model", "reason"], registry=r
         )
         self.model_ready = Gauge(
-            "vit_model_ready", "1 when the model is loaded, warmed and serving.", ["model"], registry=r
+            "vit_model_ready",
+            "1 when the model is loaded, warmed and serving (in every worker).",
+            ["model"],
+            multiprocess_mode="livemin",
+            registry=r,
         )
         for model in engine.models:
             name = model.name
-            self.queue_depth.labels(name).set_function(lambda m=model: m.batcher.depth)  # type: ignore[misc]
-            self.model_ready.labels(name).set_function(lambda m=model: float(m.ready))  # type: ignore[misc]
             for family in (self.images, self.queue_wait, self.preprocess, self.inference, self.batch_size):
                 family.labels(name)  # every series exists from the start, at zero
             for reason in REJECTION_REASONS:
                 self.rejected.labels(name, reason)
-        ProcessCollector(registry=r)
-        r.register(CudaMemoryCollector())
-        r.register(OomSplitCollector(engine.models))
+        self.sampler: WorkerSampler | None = None
+        if multiprocess_dir is None:
+            for model in engine.models:
+                self.queue_depth.labels(model.name).set_function(lambda m=model: m.batcher.depth)  # type: ignore[misc]
+                self.model_ready.labels(model.name).set_function(lambda m=model: float(m.ready))  # type: ignore[misc]
+            ProcessCollector(registry=r)
+            r.register(CudaMemoryCollector())
+            r.register(OomSplitCollector(engine.models))
+            self.registry = r
+        else:
+            self.sampler = WorkerSampler(engine.models, self.queue_depth, self.model_ready, r)
+            self.registry = CollectorRegistry()
+            MultiProcessCollector(self.registry, str(multiprocess_dir))  # type: ignore[no-untyped-call]
         engine.observe(self)
+
+    def start(self) -> None:
+        """Start sampling (one of several workers only)."""
+        if self.sampler is not None:
+            self.sampler.start()
+
+    def stop(self) -> None:
+        if self.sampler is not None:
+            self.sampler.stop()
 
     def image_prepared(self, model: str, seconds: float) -> None:
         self.preprocess.labels(model).observe(seconds)
@@ -156,19 +193,10 @@ class OomSplitCollector(Collector):
 class CudaMemoryCollector(Collector):
     """Device memory per CUDA device, read at scrape time; nothing where there is no GPU."""
 
-    FAMILIES: ClassVar[dict[str, tuple[str, Callable[[int], int]]]] = {
-        "vit_cuda_memory_allocated_bytes": ("Device memory held by tensors.", torch.cuda.memory_allocated),
-        "vit_cuda_memory_reserved_bytes": ("Device memory held by PyTorch's allocator.", torch.cuda.memory_reserved),
-        "vit_cuda_memory_peak_allocated_bytes": (
-            "Most device memory held by tensors since start.",
-            torch.cuda.max_memory_allocated,
-        ),
-    }
-
     def collect(self) -> Iterator[Metric]:
-        if not torch.cuda.is_available() or not torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        if not cuda_memory_ready():
             return
-        for name, (documentation, read) in self.FAMILIES.items():
+        for name, (documentation, read) in CUDA_MEMORY.items():
             family = GaugeMetricFamily(name, documentation, labels=["device"])
             for index in range(torch.cuda.device_count()):
                 family.add_metric([f"cuda:{index}"], read(index))

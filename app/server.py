@@ -12,13 +12,16 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
-from collections.abc import Generator
+from collections.abc import Callable, Generator
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
 
 from app.engine import Engine
+from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +30,25 @@ EXIT_FORCED = 1
 
 
 class Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, *, engine: Engine, drain_timeout_s: float) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        *,
+        engine: Engine,
+        drain_timeout_s: float,
+        on_started: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(config)
         self.engine = engine
         self.drain_timeout_s = drain_timeout_s
+        self.on_started = on_started
         self._watchdog: threading.Timer | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's start-up (the lifespan warms the engine up, then the sockets open), then `on_started`."""
+        await super().startup(sockets)
+        if self.started and self.on_started is not None:
+            self.on_started()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -67,6 +84,31 @@ class Server(uvicorn.Server):
         )
         self._watchdog.daemon = True
         self._watchdog.start()
+
+
+def serve(
+    settings: Settings,
+    *,
+    sockets: list[socket.socket] | None = None,
+    on_started: Callable[[], None] | None = None,
+    metrics_dir: Path | None = None,
+) -> None:
+    """Load the models and serve them until SIGTERM/SIGINT, then drain: one server process (or one of `workers`,
+    on `sockets` bound by the supervisor, with its metrics in the shared `metrics_dir`). Raises `ModelLoadError`."""
+    from app.api.app import create_app
+
+    engine = Engine.load(settings)
+    config = uvicorn.Config(
+        create_app(settings, engine, metrics_dir=metrics_dir),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # configured by the caller: one format for every logger
+        access_log=False,  # the telemetry middleware writes one richer line per request
+        timeout_graceful_shutdown=None,  # the server's own watchdog bounds the whole drain
+        server_header=False,
+    )
+    server = Server(config, engine=engine, drain_timeout_s=settings.drain_timeout_s, on_started=on_started)
+    server.run(sockets)
 
 
 def _exit_now(reason: str) -> None:

@@ -140,8 +140,8 @@ class Settings(BaseSettings):
         0.5,
         gt=0,
         le=1,
-        description="On CUDA, the most of the device's memory one forward may allocate; a larger batch runs in "
-        "chunks (the cost per image is measured in the warm-up).",
+        description="On CUDA, the most of the device's memory one forward may allocate, split evenly among the "
+        "workers; a larger batch runs in chunks (the cost per image is measured in the warm-up).",
     )
     pipeline_depth: int = Field(
         0, ge=0, description="Batches in flight per model (0: 2 on CUDA, so one copies while one computes; 1 on CPU)."
@@ -152,8 +152,18 @@ class Settings(BaseSettings):
     max_image_pixels: PositiveInt = Field(
         40_000_000, description="Largest decoded image (width x height), checked before decoding."
     )
-    decode_workers: int = Field(0, ge=0, description="Threads that decode and preprocess images (0: one per CPU core).")
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default).")
+    workers: PositiveInt = Field(
+        1,
+        description="Server processes on the one port, each with its own copy of the models, batchers and event loop "
+        "(a supervisor restarts one that dies; metrics are summed over them). More than 1 when one process's HTTP "
+        "handling is the limit: large images on a GPU, or many small requests.",
+    )
+    decode_workers: int = Field(
+        0, ge=0, description="Threads that decode and preprocess images, per worker (0: the CPU cores / workers)."
+    )
+    torch_threads: int = Field(
+        0, ge=0, description="torch intra-op threads, per worker (0: torch's default; with workers > 1, cores/workers)."
+    )
     drain_timeout_s: PositiveFloat = Field(
         30.0, description="On SIGTERM, how long the whole drain may take; past it the process exits at once (status 1)."
     )
@@ -203,11 +213,22 @@ class Settings(BaseSettings):
         return BatchingConfig.model_validate(self.model_dump(include=set(BatchingConfig.model_fields)))
 
     def acceleration(self) -> AccelerationConfig:
-        return AccelerationConfig(**self.model_dump(include={f.name for f in dataclasses.fields(AccelerationConfig)}))
+        """As set, but `batch_memory_fraction` is this worker's share: the workers split the device between them."""
+        config = AccelerationConfig(**self.model_dump(include={f.name for f in dataclasses.fields(AccelerationConfig)}))
+        return dataclasses.replace(config, batch_memory_fraction=self.batch_memory_fraction / self.workers)
 
     @property
     def default_model(self) -> str:
         return self.model[0]
 
     def resolved_decode_workers(self) -> int:
-        return self.decode_workers or os.cpu_count() or 1
+        return self.decode_workers or self._cores_per_worker()
+
+    def resolved_torch_threads(self) -> int | None:
+        """Threads to give torch, or None for torch's own default (one process, nothing set)."""
+        if self.torch_threads:
+            return self.torch_threads
+        return self._cores_per_worker() if self.workers > 1 else None
+
+    def _cores_per_worker(self) -> int:
+        return max(1, (os.cpu_count() or 1) // self.workers)

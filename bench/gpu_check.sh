@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The GPU check (issue 11), one run of about 6 minutes on a GPU host with PyTorch preinstalled and no network:
-#   1. the GPU tests (tests/test_gpu.py, and tests/test_acceleration.py on that host's torch),
-#   2. raw ViT-B/16 throughput: fp32/fp16/bf16 x eager/graphs/compiled x batch 1..256, checked against fp32,
-#   3. the service end to end over HTTP with real JPEGs (451x300 and 1920x1280) at several concurrencies, GPU and CPU
-#      decode, where the time goes, GPU-decode logits against CPU-decode ones, and perf_analyzer over OIP,
-#   4. one summary table, printed last and written to OUT/summary.md.
+# The GPU check (issue 11), one run of about 7 minutes on a GPU host with PyTorch preinstalled and no network:
+#   1. the GPU tests (tests/test_gpu.py, and tests/test_acceleration.py and tests/test_workers.py on that host),
+#   2. where a batch of 1920x1280 JPEGs spends its time on the device (bench/gpu_stages.py),
+#   3. raw ViT-B/16 throughput, fp16 eager and graphs first (what the service's ratio needs), then the rest as the
+#      budget allows, checked against fp32,
+#   4. the service end to end over HTTP with real JPEGs (451x300 and 1920x1280) at several concurrencies: GPU and CPU
+#      decode, 1, 2 and 4 workers, where the time goes, GPU-decode logits against CPU-decode ones, perf_analyzer (OIP),
+#   5. one summary table, printed last and written to OUT/summary.md.
 # Each step has its own time limit and the next one runs whatever happened; full logs are in OUT.
 #
 #   bench/gpu_bundle.sh          # here, first: fills .whl/ (wheels, perf_analyzer, photographs)
 #   bench/gpu_check.sh [OUT]     # on the GPU host, with .whl/ carried along (default OUT: $OUT, else ./gpu-check)
-#   QUICK=1 bench/gpu_check.sh   # about 2.5 minutes: the service's target rows and GPU-decode numerics, the GPU tests
+#   QUICK=1 bench/gpu_check.sh   # about 3 minutes: the service's target rows and GPU-decode numerics, the GPU tests
 set -uo pipefail
 out=${1:-${OUT:-gpu-check}}
 mkdir -p "$out"
@@ -32,12 +34,14 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
 { date -u; nvidia-smi; python3 -c 'import torch, torchvision; print(torch.__version__, torchvision.__version__)'; } \
   >"$out/env.log" 2>&1
 if [[ -n ${QUICK:-} ]]; then  # a lease of a few minutes: the service's targets and numerics first, then the tests
-  step gpu_serve 100 python3 bench/gpu_serve.py --out "$out" --duration 4 --warmup 1 --quick
+  step gpu_serve 130 python3 bench/gpu_serve.py --out "$out" --duration 4 --warmup 1 --quick
+  step gpu_raw 40 python3 bench/gpu_raw.py --out "$out" --budget-s 25 --dtypes fp16 --modes graphs
   step pytest 60 python3 -m pytest -q -p no:cacheprovider -o filterwarnings=default -o addopts= -s tests/test_gpu.py
 else
-  step pytest 150 python3 -m pytest -q -p no:cacheprovider -o filterwarnings=default -o addopts= -s \
-    tests/test_gpu.py tests/test_acceleration.py
-  step gpu_raw 150 python3 bench/gpu_raw.py --out "$out" --budget-s 110
-  step gpu_serve 260 python3 bench/gpu_serve.py --out "$out" --duration 6 --warmup 2 --perf-analyzer "$pa"
+  step pytest 120 python3 -m pytest -q -p no:cacheprovider -o filterwarnings=default -o addopts= -s \
+    tests/test_gpu.py tests/test_acceleration.py tests/test_workers.py
+  step gpu_stages 40 python3 bench/gpu_stages.py --out "$out"
+  step gpu_raw 75 python3 bench/gpu_raw.py --out "$out" --budget-s 50
+  step gpu_serve 300 python3 bench/gpu_serve.py --out "$out" --duration 6 --warmup 2 --perf-analyzer "$pa"
 fi
 python3 bench/gpu_report.py "$out" | tee "$out/summary.md"

@@ -47,32 +47,37 @@ class Config:
     name: str
     flags: list[str]
     levels: list[tuple[str, int]]  # (workload, concurrency)
+    workers: int = 1
     env: dict[str, str] = field(default_factory=dict)
 
 
 def configs(smoke: bool, quick: bool = False) -> list[Config]:
-    """The GPU-decode server first (kept up for the numerics), then the CPU-decode one, then eager for comparison."""
+    """The GPU-decode server first (kept up for the numerics), then the CPU-decode one, then several workers."""
     if smoke:  # the script's own logic on a CPU: a tiny model, CPU decode on both sides
         cpu = ["--device", "cpu", "--decode-device", "cpu"]
-        return [Config("cpu a", cpu, [("small", 1), ("photo", 4)]), Config("cpu b", cpu, [("small", 4)])]
+        return [
+            Config("cpu a", cpu, [("small", 1), ("photo", 4)]),
+            Config("cpu b", cpu, [("small", 4)]),
+            Config("cpu, 2 workers", cpu, [("small", 4)], workers=2),
+        ]
     fast = ["--device", "cuda", "--dtype", "fp16", "--cuda-graphs"]
+    cuda, cpu = [*fast, "--decode-device", "cuda"], [*fast, "--decode-device", "cpu"]
     if quick:  # a short device lease: the targets' rows and the numerics only
         return [
-            Config(
-                "fp16+graphs, decode cuda",
-                [*fast, "--decode-device", "cuda"],
-                [("small", 1), ("photo", 16), ("photo", 64)],
-            ),
-            Config("fp16+graphs, decode cpu", [*fast, "--decode-device", "cpu"], [("photo", 64)]),
+            Config("fp16+graphs, decode cuda", cuda, [("small", 1), ("photo", 64)]),
+            Config("fp16+graphs, decode cpu", cpu, [("photo", 64)]),
+            Config("fp16+graphs, decode cuda, 4 workers", cuda, [("photo", 64), ("photo", 128)], workers=4),
         ]
-    full = [("small", 1), ("small", 16), ("small", 64), ("photo", 1), ("photo", 16), ("photo", 64), ("photo", 128)]
+    full = [("small", 1), ("small", 64), ("photo", 1), ("photo", 16), ("photo", 64), ("photo", 128)]
     return [
-        Config("fp16+graphs, decode cuda", [*fast, "--decode-device", "cuda"], full),
-        Config("fp16+graphs, decode cpu", [*fast, "--decode-device", "cpu"], [("small", 64), ("photo", 64)]),
+        Config("fp16+graphs, decode cuda", cuda, full),
+        Config("fp16+graphs, decode cpu", cpu, [("small", 64), ("photo", 64)]),
+        Config("fp16+graphs, decode cuda, 2 workers", cuda, [("photo", 64), ("photo", 128)], workers=2),
         Config(
-            "fp16 eager, decode cuda",
-            ["--device", "cuda", "--dtype", "fp16", "--no-cuda-graphs", "--decode-device", "cuda"],
-            [("photo", 64)],
+            "fp16+graphs, decode cuda, 4 workers",
+            cuda,
+            [("small", 1), ("small", 64), ("photo", 64), ("photo", 128)],
+            workers=4,
         ),
     ]
 
@@ -132,8 +137,11 @@ class Server:
             "2048",
             "--log-level",
             "warning",
+            "--workers",
+            str(config.workers),
             *config.flags,
         ]
+        self.workers = config.workers
         self._log = log_path.open("w")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ})
 
@@ -142,10 +150,17 @@ class Server:
         while time.monotonic() - started < timeout_s:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}")
-            if get(f"{self.url}/readyz", timeout=2)[0] == 200:
+            if get(f"{self.url}/readyz", timeout=2)[0] == 200 and self.workers_up() == self.workers:
                 return time.monotonic() - started
             time.sleep(0.5)
         raise RuntimeError("server not ready in time")
+
+    def workers_up(self) -> int:
+        """Worker processes in the metrics (the port answers once the first is ready); 1 for a single process."""
+        if self.workers == 1:
+            return 1
+        _, body = get(f"{self.url}/metrics")
+        return body.decode(errors="replace").count("process_resident_memory_bytes{pid=")
 
     def metrics(self) -> dict[str, float]:
         from prometheus_client.parser import text_string_to_metric_families
@@ -212,7 +227,7 @@ def perf_analyzer(server: Server, binary: str, photo: bytes, out: Path) -> dict[
     command = ["bash", str(HERE / "perf_analyzer.sh"), f"127.0.0.1:{server.port}", "vit_b_16", "16:64:48"]
     started = time.monotonic()
     try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=100, check=False)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
         output, code = done.stdout + done.stderr, done.returncode
     except subprocess.TimeoutExpired as expired:
         partial = [

@@ -118,6 +118,26 @@ def test_device_decode_path_agrees_with_pil_on_real_photographs() -> None:
         assert a.argmax() == b.argmax(), name
 
 
+def test_same_size_images_are_preprocessed_together_with_the_same_result_in_their_order() -> None:
+    """Two sizes, interleaved: each same-size group runs through the preset as one batch; every image's pixels are
+    exactly those of the preset on it alone, and come back in the order given."""
+    generator = torch.Generator().manual_seed(0)
+    sizes = [(300, 451), (240, 320), (300, 451), (300, 451), (240, 320), (128, 96)]
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator) for h, w in sizes]
+    calls: list[tuple[int, ...]] = []
+
+    def counting(image: Image.Image | torch.Tensor) -> torch.Tensor:
+        assert isinstance(image, torch.Tensor)
+        calls.append(tuple(image.shape))
+        return PRESET(image)
+
+    assert torch.equal(preprocess_decoded(images, PRESET), torch.stack([PRESET(image) for image in images]))
+    got = preprocess_decoded(images, counting, together=True)
+    assert sorted(calls) == sorted([(3, 3, 300, 451), (2, 3, 240, 320), (1, 3, 128, 96)])
+    for image, pixels in zip(images, got, strict=True):
+        assert torch.equal(pixels, PRESET(image))
+
+
 def rotated_jpeg() -> bytes:
     buffer = io.BytesIO()
     exif = Image.Exif()

@@ -14,6 +14,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.metrics import CudaMemoryCollector
+from app.worker_metrics import CUDA_MEMORY
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "deploy" / "grafana" / "vit-serve-dashboard.json"
@@ -42,7 +43,7 @@ async def exported_names(client: httpx.AsyncClient) -> set[str]:
     await client.post("/v1/classify", content=b"x", headers={"Content-Type": "image/png"})
     text = (await client.get("/metrics")).text
     names = {family.name for family in text_string_to_metric_families(text)}
-    return names | set(CudaMemoryCollector.FAMILIES)
+    return names | set(CUDA_MEMORY)
 
 
 @pytest.mark.parametrize("source", ["dashboard", "readme"])
@@ -93,16 +94,12 @@ def test_cuda_memory_is_exported_per_device_where_there_is_a_gpu(monkeypatch: py
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     readings = {"allocated": 100, "reserved": 200, "peak": 150}
     monkeypatch.setitem(
-        CudaMemoryCollector.FAMILIES,
+        CUDA_MEMORY,
         "vit_cuda_memory_allocated_bytes",
         ("allocated", lambda i: readings["allocated"] * (i + 1)),
     )
-    monkeypatch.setitem(
-        CudaMemoryCollector.FAMILIES, "vit_cuda_memory_reserved_bytes", ("reserved", lambda i: readings["reserved"])
-    )
-    monkeypatch.setitem(
-        CudaMemoryCollector.FAMILIES, "vit_cuda_memory_peak_allocated_bytes", ("peak", lambda i: readings["peak"])
-    )
+    monkeypatch.setitem(CUDA_MEMORY, "vit_cuda_memory_reserved_bytes", ("reserved", lambda i: readings["reserved"]))
+    monkeypatch.setitem(CUDA_MEMORY, "vit_cuda_memory_peak_allocated_bytes", ("peak", lambda i: readings["peak"]))
     families = {f.name: {s.labels["device"]: s.value for s in f.samples} for f in CudaMemoryCollector().collect()}
     assert families["vit_cuda_memory_allocated_bytes"] == {"cuda:0": 100, "cuda:1": 200}
     assert families["vit_cuda_memory_reserved_bytes"] == {"cuda:0": 200, "cuda:1": 200}

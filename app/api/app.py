@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
@@ -19,16 +20,19 @@ from app.metrics import Metrics
 from app.settings import Settings
 
 
-def create_app(settings: Settings, engine: Engine) -> FastAPI:
-    """The HTTP service. Its lifespan warms the engine up before serving and drains it on shutdown."""
+def create_app(settings: Settings, engine: Engine, *, metrics_dir: Path | None = None) -> FastAPI:
+    """The HTTP service. Its lifespan warms the engine up before serving and drains it on shutdown. `metrics_dir`:
+    this is one of several workers, whose metrics are combined there (see `Metrics`)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
+        metrics.start()
         try:
             yield
         finally:
             await engine.stop(settings.drain_timeout_s)
+            metrics.stop()
 
     app = FastAPI(
         title="vit-serve",
@@ -38,7 +42,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     )
     app.state.engine = engine
     app.state.settings = settings
-    app.state.metrics = metrics = Metrics(engine)
+    app.state.metrics = metrics = Metrics(engine, multiprocess_dir=metrics_dir)
     # Starlette runs the last one added first: telemetry, CORS, API keys, body limit, then the routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_keys:
