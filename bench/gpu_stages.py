@@ -70,7 +70,8 @@ def main() -> None:
     else:
         model = vit_b_16(weights=None).to(device, torch.float16).eval()
         graphed = GraphedForward(model, batch_buckets(max(BATCHES)))
-        graphed.warm_up(torch.randn(max(BATCHES), 3, 224, 224, device=device, dtype=torch.float16))
+        with torch.inference_mode():  # as the service captures them
+            graphed.warm_up(torch.randn(max(BATCHES), 3, 224, 224, device=device, dtype=torch.float16))
         forward = graphed
     dtype = torch.float32 if args.smoke else torch.float16
     rows: list[dict[str, Any]] = []
