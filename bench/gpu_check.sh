@@ -5,7 +5,7 @@
 #   3. raw ViT-B/16 throughput, fp16 eager and graphs first (what the service's ratio needs), then the rest as the
 #      budget allows, checked against fp32,
 #   4. the service end to end over HTTP with real JPEGs (451x300 and 1920x1280) at several concurrencies: GPU and CPU
-#      decode, 1, 2 and 4 workers, where the time goes, GPU-decode logits against CPU-decode ones, perf_analyzer (OIP),
+#      decode, 1, 4 and 8 workers, where the time goes, GPU-decode logits against CPU-decode ones, perf_analyzer (OIP),
 #   5. one summary table, printed last and written to OUT/summary.md.
 # Each step has its own time limit and the next one runs whatever happened; full logs are in OUT.
 #
@@ -38,10 +38,11 @@ if [[ -n ${QUICK:-} ]]; then  # a lease of a few minutes: the service's targets 
   step gpu_raw 40 python3 bench/gpu_raw.py --out "$out" --budget-s 25 --dtypes fp16 --modes graphs
   step pytest 60 python3 -m pytest -q -p no:cacheprovider -o filterwarnings=default -o addopts= -s tests/test_gpu.py
 else
-  step pytest 110 python3 -m pytest -q -p no:cacheprovider -o filterwarnings=default -o addopts= -s \
-    tests/test_gpu.py tests/test_acceleration.py tests/test_workers.py
+  # test_acceleration's inductor test compiles C++ on the CPU (over 45 s on that host): it runs here, not there.
+  step pytest 130 python3 -m pytest -q -p no:cacheprovider -o filterwarnings=default -o addopts= -s \
+    tests/test_gpu.py tests/test_acceleration.py tests/test_workers.py -k "not inductor"
   step gpu_stages 30 python3 bench/gpu_stages.py --out "$out"
-  step gpu_raw 60 python3 bench/gpu_raw.py --out "$out" --budget-s 40
+  step gpu_raw 55 python3 bench/gpu_raw.py --out "$out" --budget-s 35
   step gpu_serve 280 python3 bench/gpu_serve.py --out "$out" --duration 5 --warmup 1.5 --perf-analyzer "$pa"
 fi
 python3 bench/gpu_report.py "$out" | tee "$out/summary.md"

@@ -50,17 +50,32 @@ def markdown(record: dict[str, Any], *, quick: bool) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     lines += _rows(cells, limits, "vit-serve")
-    if any(c["server"] == "vit-serve-draft" for c in cells):
-        lines += [
-            "",
-            "## Opt-in: `--jpeg-draft` (JPEGs decoded at a reduced scale in the DCT domain; logits differ slightly)",
-            "",
-            "| model | workload | concurrency | vit-serve --jpeg-draft | naive | / naive | / limit (2-thread, exact) |",
-            "|---|---|---|---|---|---|---|",
-            *_rows(cells, limits, "vit-serve-draft"),
-        ]
+    for server, heading, column in VARIANTS:
+        if any(c["server"] == server for c in cells):
+            lines += [
+                "",
+                f"## {heading}",
+                "",
+                f"| model | workload | concurrency | {column} | naive | / naive | / limit (2-thread, exact) |",
+                "|---|---|---|---|---|---|---|",
+                *_rows(cells, limits, server),
+            ]
     lines += ["", "Latency against throughput: the `.png` beside this file.", ""]
     return "\n".join(lines)
+
+
+# Servers measured beside the default one on some cells: (name in the cells, section heading, column).
+VARIANTS = (
+    (
+        "vit-serve-draft",
+        "Opt-in: `--jpeg-draft` (JPEGs decoded at a reduced scale in the DCT domain; logits differ slightly)",
+        "vit-serve --jpeg-draft",
+    ),
+    ("vit-serve-2w", "`--workers 2`: two server processes on the one port", "vit-serve --workers 2"),
+)
+
+
+STYLES = {"vit-serve": "o-", "naive": "s--", "vit-serve-draft": "^:", "vit-serve-2w": "d-."}
 
 
 def _rows(cells: list[dict[str, Any]], limits: list[dict[str, Any]], server: str) -> list[str]:
@@ -94,7 +109,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
     panels = sorted({(c["model"], c["workload"]) for c in cells})
     figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
     for axis, (model, workload) in zip(axes[0], panels, strict=True):
-        for server, style in (("vit-serve", "o-"), ("naive", "s--"), ("vit-serve-draft", "^:")):
+        for server, style in STYLES.items():
             points = sorted(
                 (c for c in cells if (c["server"], c["model"], c["workload"]) == (server, model, workload)),
                 key=lambda c: c["concurrency"],

@@ -32,9 +32,11 @@ from bench.workload import MODELS, WORKLOADS, write  # noqa: E402
 
 # model -> (concurrency levels, measured seconds, warm-up seconds): the peers' matrix
 MATRIX = {"tiny": ([1, 4, 16, 64], 20, 5), "base": ([1, 16], 30, 5)}
-SERVERS = ("vit-serve", "naive", "vit-serve-draft")
-# the opt-in --jpeg-draft path matters for large JPEGs only: measured where decode dominates
-DRAFT_CELLS = {("tiny", "photo")}
+SERVERS = ("vit-serve", "naive", "vit-serve-draft", "vit-serve-2w")
+# Variants measured on some cells only (model, workload): the opt-in --jpeg-draft path matters for large JPEGs only,
+# where decode dominates; --workers 2 where one process's HTTP handling and decode share 2 cores with a light forward.
+VARIANT_CELLS = {"vit-serve-draft": {("tiny", "photo")}, "vit-serve-2w": {("tiny", "small"), ("tiny", "photo")}}
+VARIANT_FLAGS = {"vit-serve-draft": ["--jpeg-draft"], "vit-serve-2w": ["--workers", "2"]}
 
 
 def free_port() -> int:
@@ -67,7 +69,7 @@ def start(server: str, model: str, work: Path, port: int, log: Path) -> tuple[su
             str(port),
             "--log-level",
             "warning",
-            *(["--jpeg-draft"] if server == "vit-serve-draft" else []),
+            *VARIANT_FLAGS.get(server, []),
         ]
         url = f"http://127.0.0.1:{port}/v1/classify?logits=false"
     else:
@@ -185,7 +187,7 @@ def main() -> None:
         if args.quick:
             seconds, warm = 3, 1
         for server in SERVERS:
-            workloads = [w for w in WORKLOADS if server != "vit-serve-draft" or (model, w) in DRAFT_CELLS]
+            workloads = [w for w in WORKLOADS if server not in VARIANT_CELLS or (model, w) in VARIANT_CELLS[server]]
             if not workloads:
                 continue
             port = free_port()
