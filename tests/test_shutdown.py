@@ -107,11 +107,13 @@ def load(url: str, image: bytes, threads: int) -> Iterator[tuple[list[Outcome], 
 
 
 @pytest.mark.slow
-def test_sigterm_under_load_answers_everything_accepted_and_exits_0(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_under_load_answers_everything_accepted_and_exits_0(tmp_path: Path, workers: int) -> None:
+    """One process, and a supervisor with two workers (the signal goes to the supervisor, which passes it on)."""
     image = chelsea_jpeg()
     # A long batch window (250 ms) keeps requests in flight, so that SIGTERM surely lands while some are queued.
     options = ["--max-queue-delay-ms", "250", "--max-batch-size", "64", "--drain-timeout-s", "20"]
-    with tiny_server(tmp_path, *options) as (url, server):
+    with tiny_server(tmp_path, *options, "--workers", str(workers)) as (url, server):
         expected = httpx.post(f"{url}/v1/classify?logits=false", content=image, headers={"Content-Type": "image/jpeg"})
         assert expected.status_code == 200
         with load(url, image, threads=6) as (outcomes, sigterm_sent):
