@@ -128,8 +128,8 @@ class Supervisor:
     def run(self) -> int:
         """Start the workers, keep them running until a signal, and return the exit status."""
         self.workers = [self.start_worker(index) for index in range(self.settings.workers)]
-        if not self._wait_until_ready():
-            return self._stop(EXIT_FAILED)
+        if not self._wait_until_ready():  # a signal during the start is no failure; a worker that failed is
+            return self._stop(0 if self.signals else EXIT_FAILED)
         log.info("%d workers ready on %s:%d", len(self.workers), self.settings.host, self.settings.port)
         while not self.signals:
             time.sleep(POLL_S)
@@ -169,6 +169,8 @@ class Supervisor:
         deadline = time.monotonic() + backoff
         while time.monotonic() < deadline and not self.signals:
             time.sleep(POLL_S)
+        if self.signals:  # stopping: no replacement
+            return worker
         return self.start_worker(worker.index, failures)
 
     def _forget(self, worker: Worker) -> None:

@@ -192,3 +192,15 @@ def test_a_workers_sampler_writes_what_one_process_reads_at_scrape_time(monkeypa
     assert read("vit_cuda_memory_allocated_bytes", device="cuda:0") == 1234
     assert (read("process_resident_memory_bytes") or 0) > 10_000_000
     assert (read("process_cpu_seconds_total") or 0) > 0
+
+
+def test_sigterm_while_the_workers_start_stops_them_all_and_exits_0(tmp_path: Path) -> None:
+    from tests.processes import write_tiny_model
+
+    write_tiny_model(tmp_path)
+    server = start_tiny(tmp_path, free_port(), "--workers", "2")
+    time.sleep(1.0)  # the workers are still importing torch or loading the model
+    server.process.send_signal(signal.SIGTERM)
+    output = server.wait(timeout_s=60)
+    assert server.process.returncode == 0, output
+    assert "all workers stopped; exiting with status 0" in output
