@@ -19,6 +19,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
+            "pid": record.process,  # which worker, with several
         }
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO
 
 import httpx
+import orjson
 from PIL import Image
 from skimage import data as skdata
 
@@ -95,6 +96,11 @@ def drained(server: ServerProcess) -> str:
     assert server.process.returncode == 0, output
     assert "Application shutdown complete" in output
     return output
+
+
+def access_lines(output: str) -> list[dict[str, object]]:
+    """A server's access log lines (JSON logs), parsed."""
+    return [orjson.loads(line) for line in output.splitlines() if '"logger":"app.access"' in line]
 
 
 def chelsea_jpeg() -> bytes:

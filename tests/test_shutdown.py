@@ -18,7 +18,8 @@ import pytest
 
 from tests.conftest import ClientFactory
 from tests.fakes import fake_engine, image_bytes
-from tests.processes import ServerProcess, chelsea_jpeg, tiny_server
+from tests.photos import jpeg, photo
+from tests.processes import ServerProcess, access_lines, chelsea_jpeg, tiny_server
 
 RED = image_bytes((255, 0, 0))
 
@@ -57,13 +58,15 @@ def assert_same_prediction(got: dict[str, Any], want: dict[str, Any]) -> None:
     assert [c["score"] for c in top] == pytest.approx([c["score"] for c in expected], abs=1e-5)
 
 
-def access_lines(output: str) -> list[dict[str, object]]:
-    return [orjson.loads(line) for line in output.splitlines() if '"logger":"app.access"' in line]
+def metric(metrics: str, name: str) -> float:
+    return float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith(name)))
 
 
-def queue_depth(url: str) -> float:
+def classifying(url: str) -> bool:
+    """Requests are in the server now: requests other than this scrape in flight (read live, with several workers
+    too) and images queued (read live in one process; sampled once a second with several workers)."""
     metrics = httpx.get(f"{url}/metrics").text
-    return float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("vit_queue_depth{")))
+    return metric(metrics, "vit_inflight_requests ") > 1 and metric(metrics, "vit_queue_depth{") > 0
 
 
 @contextmanager
@@ -109,8 +112,10 @@ def load(url: str, image: bytes, threads: int) -> Iterator[tuple[list[Outcome], 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_under_load_answers_everything_accepted_and_exits_0(tmp_path: Path, workers: int) -> None:
-    """One process, and a supervisor with two workers (the signal goes to the supervisor, which passes it on)."""
-    image = chelsea_jpeg()
+    """One process, and a supervisor with two workers (the signal goes to the supervisor, which passes it on). With
+    workers the queue depth in /metrics is sampled each second, so a large photograph (tens of ms of decode each)
+    keeps their queues from ever running dry, and SIGTERM surely lands while requests are accepted and unanswered."""
+    image = chelsea_jpeg() if workers == 1 else jpeg(photo("chelsea"), size=(1920, 1280))
     # A long batch window (250 ms) keeps requests in flight, so that SIGTERM surely lands while some are queued.
     options = ["--max-queue-delay-ms", "250", "--max-batch-size", "64", "--drain-timeout-s", "20"]
     with tiny_server(tmp_path, *options, "--workers", str(workers)) as (url, server):
@@ -120,7 +125,7 @@ def test_sigterm_under_load_answers_everything_accepted_and_exits_0(tmp_path: Pa
             deadline = time.monotonic() + 60
             while len(outcomes) < 20 and time.monotonic() < deadline:
                 time.sleep(0.05)
-            while queue_depth(url) == 0 and time.monotonic() < deadline:
+            while not classifying(url) and time.monotonic() < deadline:
                 time.sleep(0.01)  # until images wait in the batch window: SIGTERM lands while they are accepted
             sigterm_sent.set()
             server.process.send_signal(signal.SIGTERM)

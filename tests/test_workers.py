@@ -18,7 +18,7 @@ from app.settings import Settings
 from app.worker_metrics import CUDA_MEMORY, WorkerSampler
 from tests.fakes import fake_served_model
 from tests.photos import jpeg, photo
-from tests.processes import free_port, start_tiny, stop, tiny_server
+from tests.processes import access_lines, free_port, start_tiny, stop, tiny_server
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")  # processes started by the tests
 
@@ -95,6 +95,8 @@ def test_workers_share_the_port_answer_each_request_and_their_metrics_add_up(tmp
         assert value(metrics, "process_cpu_seconds_total") > 0
 
         output = stop(server)  # SIGTERM to the supervisor: each worker drains, and all exit 0
+    answered_by = {line["pid"] for line in access_lines(output) if line["path"] == "/v1/classify"}
+    assert len(answered_by) == 2  # both workers took connections
     assert output.count("Application shutdown complete") == 2
     assert "all workers stopped; exiting with status 0" in output
 
