@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check (issue 11), one run of at most 8 minutes (about 7) on a GPU host with PyTorch preinstalled and no network:
+# The GPU check (issue 11): one run on a GPU host with PyTorch preinstalled and no network, bounded by its steps'
+# limits to about 8.5 minutes (the run of 2026-11-27 07:51, with 2 workers where 8 are now, took 433 s):
 #   1. the GPU tests (tests/test_gpu.py, and tests/test_acceleration.py and tests/test_workers.py on that host),
 #   2. where a batch of 1920x1280 JPEGs spends its time on the device (bench/gpu_stages.py),
 #   3. raw ViT-B/16 throughput, fp16 eager and graphs first (what the service's ratio needs), then the rest as the
@@ -11,7 +12,7 @@
 #
 #   bench/gpu_bundle.sh          # here, first: fills .whl/ (wheels, perf_analyzer, photographs)
 #   bench/gpu_check.sh [OUT]     # on the GPU host, with .whl/ carried along (default OUT: $OUT, else ./gpu-check)
-#   QUICK=1 bench/gpu_check.sh   # about 3 minutes: the service's target rows and GPU-decode numerics, the GPU tests
+#   QUICK=1 bench/gpu_check.sh   # at most 4 minutes: the service's target rows and GPU-decode numerics, the GPU tests
 set -uo pipefail
 out=${1:-${OUT:-gpu-check}}
 mkdir -p "$out"

@@ -246,12 +246,19 @@ def settle(server: Server, config: Config, bodies: dict[str, bytes], args: argpa
     """Load a fresh server for a few seconds, unrecorded, at its first level: its first batches of each size (and
     every worker's) pay one-time costs that a level's own short warm-up does not always absorb."""
     workload, concurrency = config.levels[0]
-    url = f"{server.url}/v1/classify?top_k=5"
-    loadgen.run(url, bodies[workload], "image/jpeg", concurrency, args.settle, 0.0, procs=min(concurrency, 6))
+    measure(server, config, workload, bodies[workload], concurrency, args, duration_s=args.settle, warmup_s=0.0)
 
 
 def measure(
-    server: Server, config: Config, workload: str, body: bytes, concurrency: int, args: argparse.Namespace
+    server: Server,
+    config: Config,
+    workload: str,
+    body: bytes,
+    concurrency: int,
+    args: argparse.Namespace,
+    *,
+    duration_s: float | None = None,
+    warmup_s: float | None = None,
 ) -> dict[str, Any]:
     before = server.metrics()
     result = loadgen.run(
@@ -259,8 +266,8 @@ def measure(
         body,
         "image/jpeg",
         concurrency,
-        args.duration,
-        args.warmup,
+        args.duration if duration_s is None else duration_s,
+        args.warmup if warmup_s is None else warmup_s,
         procs=min(concurrency, 6),
     )
     row = {"config": config.name, "workload": workload, **result.as_dict(), **where_time_went(before, server.metrics())}
