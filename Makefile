@@ -6,6 +6,8 @@ STAMP_RUN  := $(VENV)/.installed-run
 STAMP_TEST := $(VENV)/.installed-dev
 # The horizontal-scale test runs Debian's nginx as the load balancer; CI is a fresh Debian machine, as root.
 NGINX := $(or $(shell command -v nginx 2>/dev/null),/usr/sbin/nginx)
+# The demo page's end-to-end test drives Debian's chromium through Playwright (executable_path: no browser download).
+CHROMIUM := $(or $(shell command -v chromium 2>/dev/null),/usr/bin/chromium)
 # The benchmark's load generator, Debian's wrk.
 WRK := $(or $(shell command -v wrk 2>/dev/null),/usr/bin/wrk)
 STAMP_BENCH := $(VENV)/.installed-bench
@@ -38,10 +40,15 @@ $(NGINX):
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx
 
+$(CHROMIUM):
+	@echo "installing Debian's chromium for the demo page's browser test (needs root)"
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+
 run: $(STAMP_RUN)
 	$(BIN)/vit-serve serve
 
-test: $(STAMP_TEST) $(NGINX)
+test: $(STAMP_TEST) $(NGINX) $(CHROMIUM)
 	$(BIN)/ruff check app tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q

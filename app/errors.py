@@ -44,6 +44,28 @@ class ModelNotFound(ServeError):
     code = "model_not_found"
 
 
+class Forbidden(ServeError):
+    """403: the call is understood and authenticated, but this service does not allow it."""
+
+    status = 403
+    code = "forbidden"
+
+
+class Conflict(ServeError):
+    """409: the request conflicts with the service's state (e.g. unloading the default model)."""
+
+    status = 409
+    code = "conflict"
+
+
+class ModelLoadFailed(ServeError):
+    """400: a model named in a load request could not be loaded (its config, weights or warm-up failed); like Triton's
+    answer to a failed load. What is served does not change."""
+
+    status = 400
+    code = "model_load_failed"
+
+
 class PayloadTooLarge(ServeError):
     """413: the body, the number of images or an image's pixel count is over its limit."""
 

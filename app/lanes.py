@@ -2,9 +2,9 @@
 
 A batch goes through its lane as: images preprocessed on the CPU stacked into a pinned buffer and copied to the
 device on the lane's copy stream; JPEGs left for the device decoded there (`gpu_decode`); the forward on the lane's
-compute stream, in chunks of at most `max_images_per_forward`; logits and probabilities copied back into a pinned
-buffer. A model has `pipeline_depth` lanes, so one batch's copies and decode overlap another's forward. On the CPU a
-lane is the forward alone, run on the calling thread.
+compute stream, in chunks of at most `max_images_per_forward`; logits, probabilities and embeddings copied back into
+a pinned buffer. A model has `pipeline_depth` lanes, so one batch's copies and decode overlap another's forward. On
+the CPU a lane is the forward alone, run on the calling thread.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class LaneSpec:
     input_shape: tuple[int, int, int]
     max_batch_size: int
     num_classes: int
+    embedding_dim: int  # the forward gives (n, num_classes + embedding_dim): logits, then the embedding
     max_images_per_forward: int
     preprocessor: Preprocessor
     decode_on_cpu: Callable[[bytes], torch.Tensor]  # the CPU path, for a JPEG the device decoder refused
@@ -51,25 +52,36 @@ class Lane:
             shape = (spec.max_batch_size, *spec.input_shape)
             self._host_in = torch.empty(shape, dtype=torch.float32, pin_memory=True)
             self._device_in = torch.empty(shape, dtype=torch.float32, device=spec.device)
-            self._host_out = torch.empty((spec.max_batch_size, 2, spec.num_classes), pin_memory=True)
+            self._host_out = torch.empty((spec.max_batch_size, self._row_size), pin_memory=True)
 
     def run(self, images: Sequence[Prepared]) -> list[ImageOutput | ServeError]:
         """n prepared images -> n outputs, or the error of an image that could not be decoded on the device."""
+        classes = self.spec.num_classes
         with torch.inference_mode():
             batch, errors = self._assemble(images)
             with self._on_compute_stream():
-                logits = torch.cat(
+                out = torch.cat(
                     [
                         self.forward(chunk.to(self.spec.dtype)).to(torch.float32, copy=True)
                         for chunk in torch.split(batch, self.spec.max_images_per_forward)
                     ]
                 )
-                probs = logits.softmax(dim=-1)
-                result = self._to_host(logits, probs)  # (n, 2, num_classes)
+                logits = out[:, :classes]
+                rows = torch.cat([logits, logits.softmax(dim=-1), out[:, classes:]], dim=1)
+                result = self._to_host(rows)  # (n, 2 * num_classes + embedding_dim)
         return [
-            errors[i] if i in errors else ImageOutput(logits=result[i, 0], probs=result[i, 1])
+            errors[i]
+            if i in errors
+            else ImageOutput(
+                logits=result[i, :classes], probs=result[i, classes : 2 * classes], embedding=result[i, 2 * classes :]
+            )
             for i in range(len(images))
         ]
+
+    @property
+    def _row_size(self) -> int:
+        """One image's output row: logits, probabilities, embedding."""
+        return 2 * self.spec.num_classes + self.spec.embedding_dim
 
     def warm_up(self, example: torch.Tensor) -> None:
         """Compile or capture every bucket, then one full batch through `run` (pinned buffers, streams)."""
@@ -138,12 +150,11 @@ class Lane:
                 errors[index] = error
         return (torch.stack(pixels) if pixels else None), errors
 
-    def _to_host(self, logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        """(n, 2, num_classes) on the CPU; on CUDA through a pinned buffer, waiting for this lane's work alone."""
+    def _to_host(self, rows: torch.Tensor) -> torch.Tensor:
+        """The output rows on the CPU; on CUDA through a pinned buffer, waiting for this lane's work alone."""
         if not self._cuda:
-            return torch.stack((logits, probs), dim=1)
-        both = torch.stack((logits, probs), dim=1)  # one contiguous copy into the contiguous pinned rows
-        host = self._host_out[: both.shape[0]]
-        host.copy_(both, non_blocking=True)
+            return rows
+        host = self._host_out[: rows.shape[0]]
+        host.copy_(rows, non_blocking=True)  # one contiguous copy into the contiguous pinned rows
         self._compute_stream.synchronize()
         return host.clone()  # the pinned buffer is this lane's next batch's

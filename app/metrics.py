@@ -3,6 +3,7 @@ registry of its own. With several workers, prometheus-client's multiprocess mode
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,20 +116,14 @@ class Metrics:
             multiprocess_mode="livemin",
             registry=r,
         )
-        for model in engine.models:
-            name = model.name
-            for family in (self.images, self.queue_wait, self.preprocess, self.inference, self.batch_size):
-                family.labels(name)  # every series exists from the start, at zero
-            for reason in REJECTION_REASONS:
-                self.rejected.labels(name, reason)
         self.sampler: WorkerSampler | None = None
+        self._multiprocess = multiprocess_dir is not None
+        for model in engine.models:
+            self.model_loaded(model)
         if multiprocess_dir is None:
-            for model in engine.models:
-                self.queue_depth.labels(model.name).set_function(lambda m=model: m.batcher.depth)  # type: ignore[misc]
-                self.model_ready.labels(model.name).set_function(lambda m=model: float(m.ready))  # type: ignore[misc]
             ProcessCollector(registry=r)
             r.register(CudaMemoryCollector())
-            r.register(OomSplitCollector(engine.models))
+            r.register(OomSplitCollector(engine))
             self.registry = r
         else:
             self.sampler = WorkerSampler(engine.models, self.queue_depth, self.model_ready, r)
@@ -144,6 +139,23 @@ class Metrics:
     def stop(self) -> None:
         if self.sampler is not None:
             self.sampler.stop()
+
+    def model_loaded(self, model: ServedModel) -> None:
+        """Every series of a model exists from its start, at zero; its gauges read it (one process)."""
+        name = model.name
+        for family in (self.images, self.queue_wait, self.preprocess, self.inference, self.batch_size):
+            family.labels(name)
+        for reason in REJECTION_REASONS:
+            self.rejected.labels(name, reason)
+        if not self._multiprocess:  # the workers' sampler sets them
+            self.queue_depth.labels(name).set_function(lambda: model.batcher.depth)
+            self.model_ready.labels(name).set_function(lambda: float(model.ready))
+
+    def model_unloaded(self, name: str) -> None:
+        """Its gauges go (a model not served has no queue); its counters stay, as counters do."""
+        for gauge in (self.queue_depth, self.model_ready):
+            with contextlib.suppress(KeyError):
+                gauge.remove(name)
 
     def image_prepared(self, model: str, seconds: float) -> None:
         self.preprocess.labels(model).observe(seconds)
@@ -178,14 +190,14 @@ def rejection_reason(error: ServeError) -> str:
 class OomSplitCollector(Collector):
     """Batches retried in halves after the device ran out of memory: a sign that max_batch_size is too large."""
 
-    def __init__(self, models: list[ServedModel]) -> None:
-        self.models = models
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(
             "vit_oom_splits", "Batches retried in two halves after running out of device memory.", labels=["model"]
         )
-        for model in self.models:
+        for model in self.engine.models:
             family.add_metric([model.name], model.oom_splits)
         yield family
 

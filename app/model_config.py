@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
 
 from app.errors import ModelLoadError, describe_validation_error
-from app.settings import BatchingConfig, Settings
+from app.settings import BatchingConfig
 
 TORCHVISION_ARCHS = ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14")
 CONFIG_FILE = "model.toml"
@@ -90,18 +90,6 @@ def load_model_config(repository: Path, name: str, *, weights_override: str | No
         raise ModelLoadError(f"model {name!r}: {path}: {describe_validation_error(exc)}") from exc
     _check_arch(config, path)
     return config
-
-
-def load_model_configs(settings: Settings) -> list[ModelConfig]:
-    """The configs of every model the settings name; the first is the default and takes `--weights`."""
-    return [
-        load_model_config(
-            settings.model_repository,
-            name,
-            weights_override=settings.weights if name == settings.default_model else None,
-        )
-        for name in settings.model
-    ]
 
 
 def list_models(repository: Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""Stage 5, top-k: one image's logits -> its best classes with softmax scores."""
+"""Stage 5, top-k: one image's logits -> its best classes with softmax scores; and embeddings as one array."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import torch
 
 @dataclass(frozen=True, slots=True)
 class ImageOutput:
-    """What the forward pass gives one image: float32 CPU rows of `num_classes`."""
+    """What the forward pass gives one image: float32 CPU rows of `num_classes`, and its embedding (empty for a model
+    served without one)."""
 
     logits: torch.Tensor
     probs: torch.Tensor
+    embedding: torch.Tensor
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,3 +37,11 @@ def top_k(output: ImageOutput, k: int, labels: list[str], *, with_logits: bool) 
         ClassScore(index=i, label=labels[i], score=s) for i, s in zip(indices.tolist(), scores.tolist(), strict=True)
     ]
     return Prediction(top_k=best, logits=output.logits.numpy() if with_logits else None)
+
+
+def embeddings(rows: list[torch.Tensor], *, normalize: bool) -> np.ndarray:
+    """Images' embeddings -> one (n, dim) float32 array; each row scaled to unit L2 norm with `normalize`."""
+    stacked = torch.stack(rows)
+    if normalize:
+        stacked = torch.nn.functional.normalize(stacked, dim=1)
+    return stacked.numpy()

@@ -15,9 +15,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from app import attention, overlay
 from app.batcher import Batcher, BatchRecord
 from app.decode import decode
 from app.device import dtype_name
+from app.embedding import with_embedding
 from app.errors import ServeError
 from app.gpu_decode import probe_jpeg
 from app.lanes import Lane, LaneSpec, Prepared
@@ -30,6 +32,17 @@ from app.settings import AccelerationConfig, BatchingConfig
 
 log = logging.getLogger(__name__)
 
+EXPLAIN_MAX_BATCH = 8  # attention weights of every layer are kept for a whole batch: (n, heads, T, T) per layer
+
+
+@dataclass(frozen=True, slots=True)
+class Explained:
+    """One image through the attention-reading forward: its outputs, its rollout map, and the pixels it saw."""
+
+    output: ImageOutput
+    heat: torch.Tensor  # (rows, cols) float32, summing to 1
+    pixels: torch.Tensor  # (3, h, w) preprocessed
+
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
@@ -39,6 +52,8 @@ class ModelInfo:
     num_params: int
     input_size: list[int]
     num_classes: int
+    embedding_dim: int
+    explain: bool
     device: str
     dtype: str
     batching: dict[str, Any]
@@ -66,7 +81,9 @@ class ServedModel:
         self.arch = arch
         self.labels = loaded.labels
         self._loaded = loaded
-        self._module: nn.Module = loaded.module
+        split = with_embedding(loaded.module, loaded.image_size)
+        self.embedding_dim = split.dim if split is not None else 0  # 0: served without embeddings
+        self._module: nn.Module = split if split is not None else loaded.module  # logits, then the embedding
         self._preprocessor = loaded.preprocessor
         self._device = device
         self._dtype = dtype
@@ -85,6 +102,16 @@ class ServedModel:
         self.oom_splits = 0  # batches retried in halves after running out of device memory
         self.batcher: Batcher[Prepared, ImageOutput] = Batcher(
             self.forward, batching, name=name, on_batch=self._batch_done, max_in_flight=self.pipeline_depth
+        )
+        # Explanations run eagerly through the same weights in a queue of their own, so the classify path (graphed or
+        # compiled, one output) is untouched by them; None when this model's attention cannot be read.
+        explain_batching = batching.model_copy(
+            update={"max_batch_size": min(batching.max_batch_size, EXPLAIN_MAX_BATCH)}
+        )
+        self.explainer: Batcher[torch.Tensor, Explained] | None = (
+            Batcher(self.explain, explain_batching, name=f"{name}/explain")
+            if attention.supports_attention(loaded.module)
+            else None
         )
 
     def _batch_done(self, record: BatchRecord) -> None:
@@ -119,6 +146,31 @@ class ServedModel:
             if jpeg is not None:
                 return jpeg
         return preprocess(decode(data, max_pixels=max_pixels, draft_size=self.draft_size), self._preprocessor)
+
+    def prepare_on_cpu(self, data: bytes, max_pixels: int) -> torch.Tensor:
+        """Decode and preprocess one image on the CPU, exactly (the explain path): bytes -> (3, crop, crop) float32."""
+        return preprocess(decode(data, max_pixels=max_pixels), self._preprocessor)
+
+    def explain(self, images: list[torch.Tensor]) -> list[Explained]:
+        """One batch through the attention-reading forward: outputs and rollout maps. On the explainer's thread."""
+        with torch.inference_mode():
+            pixels = torch.stack(images).to(self._device, self._dtype)
+            found = attention.attentions(self._loaded.module, pixels)
+            maps = attention.rollout(found.layers, found.prefix_tokens, found.grid).float().cpu()
+            logits = found.logits.float().cpu()
+        probs = logits.softmax(dim=-1)
+        empty = torch.empty(0)
+        return [
+            Explained(ImageOutput(logits=logits[i], probs=probs[i], embedding=empty), maps[i], images[i])
+            for i in range(len(images))
+        ]
+
+    def overlay_png(self, explained: Explained) -> bytes:
+        """The rollout map laid over the image the model saw (resized, cropped), as a PNG."""
+        info = self._loaded.preprocess_info
+        mean = info.get("mean") or info.get("image_mean") or (0.0, 0.0, 0.0)
+        std = info.get("std") or info.get("image_std") or (1.0, 1.0, 1.0)
+        return overlay.overlay_png(overlay.model_view(explained.pixels, mean, std), explained.heat)
 
     def forward(self, images: list[Prepared]) -> list[ImageOutput | ServeError]:
         """Run one batch in a free lane: n prepared images -> n outputs. Runs on one of the batcher's threads."""
@@ -180,6 +232,7 @@ class ServedModel:
             input_shape=self.input_shape,
             max_batch_size=max_batch_size,
             num_classes=self.num_classes,
+            embedding_dim=self.embedding_dim,
             max_images_per_forward=self.max_images_per_forward,
             preprocessor=self._preprocessor,
             decode_on_cpu=self._decode_on_cpu,
@@ -201,7 +254,7 @@ class ServedModel:
             self._lanes.put(lane)
 
     def _decode_on_cpu(self, data: bytes) -> torch.Tensor:
-        return preprocess(decode(data, max_pixels=sys.maxsize), self._preprocessor)
+        return self.prepare_on_cpu(data, sys.maxsize)
 
     def acceleration_info(self) -> dict[str, Any]:
         """How batches run: what was asked for and what the warm-up settled (buckets, images per forward)."""
@@ -218,9 +271,12 @@ class ServedModel:
     async def start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.warm_up)
         await self.batcher.start()
+        if self.explainer is not None:
+            await self.explainer.start()
 
     async def stop(self, timeout_s: float) -> None:
-        await self.batcher.stop(timeout_s)
+        explainer = self.explainer.stop(timeout_s) if self.explainer is not None else asyncio.sleep(0)
+        await asyncio.gather(self.batcher.stop(timeout_s), explainer)
 
     def info(self) -> ModelInfo:
         size = self._loaded.image_size
@@ -231,6 +287,8 @@ class ServedModel:
             num_params=self._loaded.num_params,
             input_size=[3, size, size],
             num_classes=self.num_classes,
+            embedding_dim=self.embedding_dim,
+            explain=self.explainer is not None,
             device=str(self._device),
             dtype=dtype_name(self._dtype),
             batching=self.batcher.config.model_dump(),

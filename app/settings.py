@@ -171,11 +171,16 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field("json", description="Logs as one JSON object a line, or plain text.")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
-        description="API keys, comma-separated; when any is set, every endpoint but the probes and docs needs "
-        "Authorization: Bearer <key>.",
+        description="API keys, comma-separated; when any is set, every endpoint but the probes, the docs and the demo "
+        "page needs Authorization: Bearer <key>.",
     )
     api_keys_file: Path | None = Field(
         None, description="A file of API keys, one a line (e.g. a mounted Kubernetes secret); adds to api_keys."
+    )
+    model_control: bool = Field(
+        False,
+        description="Allow loading, reloading and unloading the repository's models while serving "
+        "(POST /v1/models/{name}/load and /unload, OIP's repository extension); needs api_keys, and workers = 1.",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -207,6 +212,16 @@ class Settings(BaseSettings):
                 raise ValueError(f"cannot read api_keys_file {str(self.api_keys_file)!r}: {exc.strerror}") from None
             keys = [SecretStr(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
             self.api_keys = [*self.api_keys, *self._usable_keys(keys)]
+        return self
+
+    @model_validator(mode="after")
+    def _guarded_model_control(self) -> Settings:
+        if self.model_control and not self.api_keys:
+            raise ValueError("model_control needs api_keys: loading and unloading models must not be open to anyone")
+        if self.model_control and self.workers > 1:
+            raise ValueError(
+                "model_control needs workers = 1: a load or unload would reach only the worker that took the call"
+            )
         return self
 
     def batching(self) -> BatchingConfig:

@@ -26,6 +26,7 @@ def preset_lane(
         input_shape=(3, 224, 224),
         max_batch_size=max_batch,
         num_classes=1000,
+        embedding_dim=0,
         max_images_per_forward=per_forward,
         preprocessor=PRESET,
         decode_on_cpu=preset_pixels,

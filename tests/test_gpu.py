@@ -154,8 +154,44 @@ def test_the_memory_bound_splits_a_batch_into_forwards_that_fit(tmp_path: Path) 
     assert model.buckets == [1]
     images = [torch.randn(3, 224, 224) for _ in range(5)]
     outputs = model.forward(images)
-    reference = EagerForward(model._module)
+    reference = EagerForward(model._loaded.module)
     with torch.inference_mode():
         expected = reference(torch.stack(images).to(CUDA, torch.float16)).float().cpu()
     for output, row in zip(outputs, expected, strict=True):
         torch.testing.assert_close(output.logits, row, rtol=2e-2, atol=2e-2)  # type: ignore[union-attr]
+
+
+async def test_embeddings_and_explanations_on_the_gpu_match_the_cpu(tmp_path: Path) -> None:
+    """The graphed fp16 forward's [logits | embedding] output, and the eager attention-reading forward in fp16,
+    against fp32 on the CPU, on real photographs (decoded on the CPU both times, so the pixels are the same)."""
+    write_model_folder(tmp_path, "tiny", tiny_vit(image_size=224, num_classes=1000))
+    photos = list(photo_jpegs().values())[:4]
+    files = [("image", (f"{i}.jpg", body, "image/jpeg")) for i, body in enumerate(photos)]
+    found: dict[str, tuple[np.ndarray, np.ndarray, list[int]]] = {}
+    for device, dtype in (("cpu", "fp32"), ("cuda", "fp16")):
+        settings = Settings(
+            model_repository=tmp_path,
+            model=["tiny"],
+            device=device,
+            dtype=dtype,
+            decode_device="cpu",
+            max_batch_size=8,
+            max_queue_delay_ms=20,
+        )
+        async with serve_in_process(Engine.load(settings), settings) as client:
+            embedded = await client.post("/v1/embed", files=files)
+            explained = await client.post("/v1/explain", files=files, params={"overlay": "true"})
+        assert embedded.status_code == 200 and explained.status_code == 200, explained.text
+        explanations = explained.json()["explanations"]
+        assert all(e["overlay"].startswith("data:image/png;base64,") for e in explanations)
+        found[device] = (
+            np.array(embedded.json()["embeddings"]),
+            np.array([e["attention"] for e in explanations]),
+            [e["top_k"][0]["index"] for e in explanations],
+        )
+    (cpu_vectors, cpu_maps, cpu_top), (gpu_vectors, gpu_maps, gpu_top) = found["cpu"], found["cuda"]
+    assert gpu_vectors.shape == (4, 32)
+    assert relative_error(torch.from_numpy(gpu_vectors), torch.from_numpy(cpu_vectors)) < 0.02
+    np.testing.assert_allclose(gpu_maps.sum(axis=(1, 2)), 1.0, atol=1e-4)
+    assert np.abs(gpu_maps - cpu_maps).max() < 0.1 * cpu_maps.max()
+    assert gpu_top == cpu_top

@@ -113,7 +113,7 @@ def test_a_timm_model_with_random_weights_is_seeded(tmp_path: Path) -> None:
     (folder / "model.toml").write_text('arch = "timm:vit_tiny_patch16_224"\nweights = "random"\nnum_classes = 3\n')
     first, second = (Engine.load(Settings(model_repository=tmp_path, model=["r"])).model() for _ in range(2))
     assert first.info().weights == "timm:vit_tiny_patch16_224:random"
-    a, b = (dict(m._module.named_parameters())["head.weight"] for m in (first, second))
+    a, b = (dict(m._loaded.module.named_parameters())["head.weight"] for m in (first, second))
     assert torch.equal(a, b) and a.std() > 0.1  # the same draw every time, and not timm's tiny init
 
 

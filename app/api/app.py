@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from app import __version__
-from app.api import classify, models, oip, probes, prometheus
+from app.api import classify, demo, embed, explain, model_control, models, oip, probes, prometheus
 from app.api.auth import ApiKeyMiddleware
 from app.api.body_limit import BodyLimitMiddleware
 from app.api.error_handlers import install_error_handlers
@@ -58,6 +58,6 @@ def create_app(settings: Settings, engine: Engine, *, metrics_dir: Path | None =
         )
     app.add_middleware(TelemetryMiddleware, metrics=metrics)  # outermost: it sees every answer
     install_error_handlers(app)
-    for module in (classify, models, probes, prometheus, oip):
+    for module in (classify, embed, explain, models, model_control, probes, prometheus, oip, demo):
         app.include_router(module.router)
     return app

@@ -1,4 +1,4 @@
-"""Optional API keys: `Authorization: Bearer <key>` on everything but the probes and the API docs.
+"""Optional API keys: `Authorization: Bearer <key>` on everything but the probes, the API docs and the demo page.
 
 Several keys may be valid at once, so that a key can be rotated without downtime. The presented key is compared
 with every configured key in constant time (`hmac.compare_digest`), so neither timing nor order tells which key,
@@ -14,10 +14,21 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.error_handlers import error_response
 
-# Kubernetes and load balancers probe without credentials; the docs describe the API and hold no data.
+# Kubernetes and load balancers probe without credentials; the docs describe the API and hold no data; the demo page
+# (`/` and its files under /static/) holds none either, and asks the person for the key its API calls send.
 OPEN_PATHS = frozenset(
-    {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
+    {
+        "/healthz",
+        "/readyz",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/openapi.json",
+        "/",
+    }
 )
+OPEN_PREFIX = "/static/"
 REALM = "vit-serve"
 
 
@@ -29,7 +40,7 @@ class ApiKeyMiddleware:
         self._keys = [key.encode() for key in keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+        if scope["type"] != "http" or _is_open(scope["path"]) or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)  # OPTIONS: CORS preflights carry no credentials
             return
         token = _bearer_token(scope)
@@ -49,6 +60,10 @@ class ApiKeyMiddleware:
     def _valid(self, token: bytes) -> bool:
         matches = [hmac.compare_digest(token, key) for key in self._keys]  # every key, always
         return any(matches)
+
+
+def _is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIX)
 
 
 def _bearer_token(scope: Scope) -> bytes | None:

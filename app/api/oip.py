@@ -20,7 +20,7 @@ from app.oip.models import OipModel, resolve
 
 router = APIRouter(tags=["open inference protocol (v2)"])
 
-# Exactly what is implemented; `statistics`, `model_repository` and shared memory are not.
+# Exactly what is implemented; `statistics` and shared memory are not; `model_repository` with model_control only.
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -43,8 +43,9 @@ READY_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 @router.get("/v2", summary="Server metadata")
-async def server_metadata() -> Response:
-    return JSONResponse({"name": "vit-serve", "version": __version__, "extensions": EXTENSIONS})
+async def server_metadata(request: Request) -> Response:
+    extensions = [*EXTENSIONS, "model_repository"] if request.app.state.settings.model_control else EXTENSIONS
+    return JSONResponse({"name": "vit-serve", "version": __version__, "extensions": extensions})
 
 
 @router.get("/v2/health/live", summary="Server live")

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from app.engine import Engine, Inference
 from app.errors import BadRequest, InvalidParameter, describe_validation_error
 from app.oip import tensors
-from app.oip.models import LOGITS_OUTPUT, VERSION, OipModel
+from app.oip.models import EMBEDDING_OUTPUT, LOGITS_OUTPUT, VERSION, OipModel
 
 
 class _Lenient(BaseModel):
@@ -153,28 +153,32 @@ async def run(engine: Engine, model: OipModel, request: InferRequest) -> tuple[I
 
 @dataclass(frozen=True, slots=True)
 class _Output:
+    name: str
     binary: bool
     classification: int | None
 
 
 def _requested_outputs(body: InferRequestBody, model: OipModel) -> list[_Output]:
+    """The outputs asked for; none named means every output the model has (the protocol's rule)."""
     default_binary = _bool_parameter(body.parameters, "binary_data_output", False)
     if body.outputs is None:
-        return [_Output(binary=default_binary, classification=None)]
+        return [_Output(name, binary=default_binary, classification=None) for name in model.outputs]
     if not body.outputs:
         raise BadRequest("outputs, when given, must name at least one output", code="invalid_body")
     requested = []
     for output in body.outputs:
-        if output.name != LOGITS_OUTPUT:
+        if output.name not in model.outputs:
             raise BadRequest(
-                f"model {model.name!r} has no output {output.name!r}; its output is {LOGITS_OUTPUT!r}",
+                f"model {model.name!r} has no output {output.name!r}; its outputs are {', '.join(model.outputs)}",
                 code="unknown_output",
             )
         k = output.parameters.get("classification")
+        if k is not None and output.name != LOGITS_OUTPUT:
+            raise InvalidParameter(f"classification is a parameter of output {LOGITS_OUTPUT}, not {output.name}")
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= model.served.num_classes):
             raise InvalidParameter(f"classification must be an integer from 1 to {model.served.num_classes}, not {k!r}")
         binary = _bool_parameter(output.parameters, "binary_data", default_binary)
-        requested.append(_Output(binary=binary, classification=k))
+        requested.append(_Output(output.name, binary=binary, classification=k))
     return requested
 
 
@@ -210,20 +214,24 @@ def _bool_parameter(parameters: dict[str, Any], name: str, default: bool) -> boo
 
 
 def _response(body: InferRequestBody, model: OipModel, inference: Inference, outputs: list[_Output]) -> InferResponse:
-    logits = torch.stack([o.logits for o in inference.outputs]).numpy()  # (n, num_classes) float32
+    rows = {
+        LOGITS_OUTPUT: torch.stack([o.logits for o in inference.outputs]).numpy(),  # (n, num_classes) float32
+        EMBEDDING_OUTPUT: torch.stack([o.embedding for o in inference.outputs]).numpy(),  # (n, dim) float32
+    }
     header: dict[str, Any] = {"model_name": model.name, "model_version": VERSION}
     if body.id is not None:
         header["id"] = body.id
     entries: list[dict[str, Any]] = []
     binary: list[bytes] = []
     for output in outputs:
+        array = rows[output.name]
         if output.classification is None:
-            datatype, shape = "FP32", list(logits.shape)
-            values: np.ndarray | list[bytes] = logits
+            datatype, shape = "FP32", list(array.shape)
+            values: np.ndarray | list[bytes] = array
         else:
-            datatype, shape = "BYTES", [logits.shape[0], output.classification]
-            values = _classification(logits, output.classification, model.served.labels)
-        entry: dict[str, Any] = {"name": LOGITS_OUTPUT, "datatype": datatype, "shape": shape}
+            datatype, shape = "BYTES", [array.shape[0], output.classification]
+            values = _classification(array, output.classification, model.served.labels)
+        entry: dict[str, Any] = {"name": output.name, "datatype": datatype, "shape": shape}
         if output.binary:
             data = values.astype("<f4").tobytes() if isinstance(values, np.ndarray) else tensors.pack_bytes(values)
             entry["parameters"] = {"binary_data_size": len(data)}  # the C++ client requires it here

@@ -3,7 +3,8 @@
 Every served model `m` appears twice:
 - `m`, input `IMAGE` (BYTES, one encoded image per batch element), decoded and preprocessed like `/v1`;
 - `m_pixels`, input `PIXELS` (FP32 [N, 3, H, W], already preprocessed), for clients and load tools that send tensors.
-Both have output `LOGITS` (FP32 [N, num_classes]) and one version, "1", and use the same model and batcher.
+Both have output `LOGITS` (FP32 [N, num_classes]) and, for a model with embeddings, `EMBEDDING` (FP32 [N, dim], the
+representation its head reads, from the same forward); one version, "1"; the same model and batcher.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ PIXELS_SUFFIX = "_pixels"
 IMAGE_INPUT = "IMAGE"
 PIXELS_INPUT = "PIXELS"
 LOGITS_OUTPUT = "LOGITS"
+EMBEDDING_OUTPUT = "EMBEDDING"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,13 +45,21 @@ class OipModel:
         """The shape of one batch element."""
         return list(self.served.input_shape) if self.takes_pixels else [1]
 
+    @property
+    def outputs(self) -> dict[str, int]:
+        """Each output's name and the length of one batch element's FP32 row."""
+        outputs = {LOGITS_OUTPUT: self.served.num_classes}
+        if self.served.embedding_dim:
+            outputs[EMBEDDING_OUTPUT] = self.served.embedding_dim
+        return outputs
+
     def metadata(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "versions": [VERSION],
             "platform": "pytorch_torchvision",
             "inputs": [{"name": self.input_name, "datatype": self.input_datatype, "shape": [-1, *self.input_dims]}],
-            "outputs": [{"name": LOGITS_OUTPUT, "datatype": "FP32", "shape": [-1, self.served.num_classes]}],
+            "outputs": [{"name": name, "datatype": "FP32", "shape": [-1, size]} for name, size in self.outputs.items()],
         }
 
     def config(self, max_request_batch: int) -> dict[str, Any]:
@@ -69,7 +79,7 @@ class OipModel:
                     "dims": self.input_dims,
                 }
             ],
-            "output": [{"name": LOGITS_OUTPUT, "data_type": "TYPE_FP32", "dims": [self.served.num_classes]}],
+            "output": [{"name": name, "data_type": "TYPE_FP32", "dims": [size]} for name, size in self.outputs.items()],
             "dynamic_batching": {
                 "preferred_batch_size": [batching.max_batch_size],
                 "max_queue_delay_microseconds": int(batching.max_queue_delay_ms * 1000),
