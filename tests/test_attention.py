@@ -24,6 +24,7 @@ from app.attention import attentions, rollout, supports_attention
 from app.hf_models import LogitsOf
 from app.overlay import INFERNO, model_view, overlay_png
 from app.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from tests.fakes import steered_vit
 
 # ---------------------------------------------------------------------------------------------------- rollout maths
 
@@ -90,33 +91,6 @@ def test_rollout_rejects_what_it_cannot_roll_out(
 
 
 # ------------------------------------------------------------------- known attention: a steered torchvision ViT
-
-
-def steered_vit(spike: tuple[int, int] | None) -> VisionTransformer:
-    """A 4x4-patch ViT whose tokens are its positional embeddings alone, unchanged from layer to layer.
-
-    With a spike, patch (row, col) carries a large feature 0 and every other token is zero; every key reads feature 0
-    and every query is a large constant, so every token attends to that patch. Without, queries and keys are zero, so
-    attention is uniform.
-    """
-    torch.manual_seed(0)
-    hidden = 16
-    vit = VisionTransformer(32, 8, num_layers=2, num_heads=2, hidden_dim=hidden, mlp_dim=32, num_classes=10).eval()
-    with torch.no_grad():
-        for tensor in (vit.conv_proj.weight, vit.conv_proj.bias, vit.class_token, vit.encoder.pos_embedding):
-            tensor.zero_()
-        if spike is not None:
-            vit.encoder.pos_embedding[0, 1 + spike[0] * 4 + spike[1], 0] = 5.0
-        for block in vit.encoder.layers:
-            attention = block.self_attention
-            attention.in_proj_weight[: 2 * hidden].zero_()  # rows [0, E) are the query's, [E, 2E) the key's
-            attention.in_proj_bias[: 2 * hidden].zero_()
-            if spike is not None:
-                attention.in_proj_weight[hidden : 2 * hidden, 0] = 1.0
-                attention.in_proj_bias[:hidden] = 10.0
-            for tensor in (attention.out_proj.weight, attention.out_proj.bias, block.mlp[3].weight, block.mlp[3].bias):
-                tensor.zero_()  # the residual stream is never written to
-    return vit
 
 
 @pytest.mark.parametrize("spike", [(1, 3), (2, 0)])

@@ -14,7 +14,7 @@ from PIL import Image
 from app.engine import Engine
 from app.settings import Settings
 from tests.conftest import serve_in_process
-from tests.fakes import fake_engine, tiny_vit, write_model_folder
+from tests.fakes import fake_engine, steered_vit, tiny_vit, write_model_folder
 from tests.photos import photo_jpegs
 
 SIZE = 32  # patch 8: a 4x4 grid
@@ -113,3 +113,13 @@ async def test_explanations_and_classifications_at_once_each_get_their_own_answe
             explained.json()["explanations"][0]["top_k"][0]["index"]
             == (classified.json()["predictions"][0]["top_k"][0]["index"])
         )
+
+
+async def test_a_model_whose_attention_is_known_gives_the_known_map_over_http(tmp_path: Path) -> None:
+    """Every token of this model attends to patch (1, 3) alone (see `steered_vit`): the served map says so."""
+    write_model_folder(tmp_path, "steered", steered_vit((1, 3)))
+    settings = Settings(model_repository=tmp_path, model=["steered"])
+    async with serve_in_process(Engine.load(settings), settings) as client:
+        response = await client.post("/v1/explain", content=jpegs(1)[0])
+    attention = np.array(response.json()["explanations"][0]["attention"])
+    assert attention.shape == (4, 4) and attention[1, 3] > 0.99
