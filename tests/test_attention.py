@@ -14,6 +14,7 @@ import pytest
 import timm
 import torch
 import transformers
+from matplotlib import colormaps
 from PIL import Image
 from timm.models.vision_transformer import ResPostBlock
 from torch import nn
@@ -374,7 +375,6 @@ def test_overlay_is_the_colormap_at_full_alpha_and_the_view_at_none() -> None:
 
 
 def test_overlay_colormap_follows_matplotlibs_inferno() -> None:
-    colormaps = pytest.importorskip("matplotlib").colormaps  # the bench extra; not a dependency of the service
     levels = np.linspace(0, 1, 101)
     ours = decode(overlay_png(torch.zeros(3, 1, 101, dtype=torch.uint8), torch.from_numpy(levels)[None], alpha=1))
     theirs = colormaps["inferno"](levels)[:, :3] * 255
