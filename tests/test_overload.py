@@ -13,8 +13,11 @@ from app.settings import BatchingConfig, Settings
 from tests.conftest import ClientFactory
 from tests.fakes import FakeViT, fake_engine, fake_served_model, image_bytes, served_model_of
 
-BATCH, BATCH_TIME_S = 4, 0.05
-CAPACITY = BATCH / BATCH_TIME_S  # 80 images/s: the model's own limit, whatever the host does
+BATCH, BATCH_TIME_S = 4, 0.1
+# 40 images/s: the model's own limit, whatever the host does. Offered 4x that, the event loop (client and server in
+# one process, about 2-3 ms a request on a 2-core host) stays well below saturation, so what is measured is the
+# shedding, not the loop's speed.
+CAPACITY = BATCH / BATCH_TIME_S
 OVERLOAD, DURATION_S, TIMEOUT_S, QUEUE = 4.0, 3.0, 1.0, 16
 
 
@@ -56,7 +59,7 @@ async def test_four_times_capacity_is_shed_with_503_while_accepted_work_runs_at_
         await asyncio.gather(*(closed_loop(until) for _ in range(QUEUE)))
         baseline_done.sort()
         capacity = (len(baseline_done) - 1) / (baseline_done[-1] - baseline_done[0])
-        assert capacity > 0.5 * CAPACITY  # the fake model's own limit is 80/s; the in-process client costs some
+        assert capacity > 0.5 * CAPACITY  # the fake model's own limit is 40/s; the in-process client costs some
         model.batch_sizes.clear()
 
         # Open loop: requests go out on a fixed schedule whatever the answers, as independent clients would send them.
