@@ -3,6 +3,7 @@ process with a folder of generated and real images, bad files among them."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -138,6 +139,21 @@ def test_the_client_against_a_real_server(tmp_path: Path) -> None:
             client.classify([path, b"not an image"])
         assert raised.value.status == 415 and raised.value.index == 1
         assert client.classify(path, model="tiny")[0].logits is None
+        vectors = client.embed([path, chelsea], normalize=True)
+        assert vectors.shape == (2, 32) and vectors.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
+        (explained,) = client.explain(path, top_k=2, overlay=True)
+        assert [c.index for c in explained.top_k] == [c.index for c in predictions[0].top_k[:2]]
+        assert explained.attention.shape == (8, 8) and explained.attention.sum() == pytest.approx(1.0, abs=1e-5)
+        assert explained.overlay_png is not None and Image.open(io.BytesIO(explained.overlay_png)).size == (64, 64)
+
+        async def the_same_awaited() -> np.ndarray:
+            async with AsyncClient(url) as aclient:
+                (again,) = await aclient.explain(path)
+                assert again.overlay_png is None and np.allclose(again.attention, explained.attention)
+                return await aclient.embed([path, chelsea], normalize=True, model="tiny")
+
+        np.testing.assert_array_equal(asyncio.run(the_same_awaited()), vectors)
 
 
 def image_folder(root: Path) -> dict[str, str]:

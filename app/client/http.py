@@ -7,6 +7,7 @@ Every call is sent again on 503 and 429 (after the server's `Retry-After`) and o
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import time
 from collections.abc import Sequence
@@ -15,9 +16,10 @@ from types import TracebackType
 from typing import Any, Self
 
 import httpx
+import numpy as np
 
 from app.client.images import ImageLike, encode, name_of
-from app.client.results import APIError, Prediction
+from app.client.results import APIError, Explanation, Prediction
 from app.client.retry import RetryPolicy
 
 DEFAULT_URL = "http://localhost:8000"
@@ -33,24 +35,51 @@ class Call:
     files: list[tuple[str, tuple[str, bytes, str]]] | None = None
 
 
-def classify_call(images: ImageLike | Sequence[ImageLike], model: str | None, top_k: int | None, logits: bool) -> Call:
+Images = ImageLike | Sequence[ImageLike]
+
+
+def image_call(endpoint: str, images: Images, model: str | None, options: dict[str, Any]) -> Call:
+    """A POST of `images` (a list or tuple is several) to `/v1/<endpoint>` or the model's own, with `options` (None:
+    not sent)."""
     many = images if isinstance(images, list | tuple) else [images]
     if not many:
-        raise ValueError("classify needs at least one image")
+        raise ValueError(f"{endpoint} needs at least one image")
     files = []
     for index, image in enumerate(many):
         data, content_type = encode(image)
         files.append(("image", (name_of(image, index), data, content_type)))
-    params = {"logits": "true" if logits else "false"}
-    if top_k is not None:
-        params["top_k"] = str(top_k)
-    path = "/v1/classify" if model is None else f"/v1/models/{model}/classify"
+    params = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in options.items() if v is not None}
+    path = f"/v1/{endpoint}" if model is None else f"/v1/models/{model}/{endpoint}"
     return Call("POST", path, params, files)
+
+
+def classify_call(images: Images, model: str | None, top_k: int | None, logits: bool) -> Call:
+    return image_call("classify", images, model, {"top_k": top_k, "logits": logits})
 
 
 def classify_result(response: httpx.Response) -> list[Prediction]:
     body = checked(response)
     return [Prediction.parse(p) for p in body["predictions"]]
+
+
+def embed_call(images: Images, model: str | None, normalize: bool) -> Call:
+    return image_call("embed", images, model, {"normalize": normalize, "encoding_format": "base64"})
+
+
+def embed_result(response: httpx.Response) -> np.ndarray:
+    """(n, dim) float32, from the base64 the call asks for (a quarter of the JSON numbers' size, and exact)."""
+    body = checked(response)
+    rows = [np.frombuffer(base64.b64decode(row), dtype="<f4") for row in body["embeddings"]]
+    return np.stack(rows).astype(np.float32, copy=False)
+
+
+def explain_call(images: Images, model: str | None, top_k: int | None, overlay: bool) -> Call:
+    return image_call("explain", images, model, {"top_k": top_k, "overlay": overlay})
+
+
+def explain_result(response: httpx.Response) -> list[Explanation]:
+    body = checked(response)
+    return [Explanation.parse(e) for e in body["explanations"]]
 
 
 def checked(response: httpx.Response) -> Any:
@@ -94,7 +123,7 @@ class Client:
 
     def classify(
         self,
-        images: ImageLike | Sequence[ImageLike],
+        images: Images,
         *,
         model: str | None = None,
         top_k: int | None = None,
@@ -102,6 +131,16 @@ class Client:
     ) -> list[Prediction]:
         """One prediction per image, in order, in one request (a list or tuple is several images)."""
         return classify_result(self.send(classify_call(images, model, top_k, logits)))
+
+    def embed(self, images: Images, *, model: str | None = None, normalize: bool = False) -> np.ndarray:
+        """The images' embeddings, (n, dim) float32 in order; unit L2 norm with `normalize`."""
+        return embed_result(self.send(embed_call(images, model, normalize)))
+
+    def explain(
+        self, images: Images, *, model: str | None = None, top_k: int | None = None, overlay: bool = False
+    ) -> list[Explanation]:
+        """Per image: its top classes and attention-rollout map, and with `overlay` the map over the image as PNG."""
+        return explain_result(self.send(explain_call(images, model, top_k, overlay)))
 
     def models(self) -> dict[str, Any]:
         """`{"default": name, "models": [...]}`: every served model's description."""
@@ -164,13 +203,21 @@ class AsyncClient:
 
     async def classify(
         self,
-        images: ImageLike | Sequence[ImageLike],
+        images: Images,
         *,
         model: str | None = None,
         top_k: int | None = None,
         logits: bool = False,
     ) -> list[Prediction]:
         return classify_result(await self.send(classify_call(images, model, top_k, logits)))
+
+    async def embed(self, images: Images, *, model: str | None = None, normalize: bool = False) -> np.ndarray:
+        return embed_result(await self.send(embed_call(images, model, normalize)))
+
+    async def explain(
+        self, images: Images, *, model: str | None = None, top_k: int | None = None, overlay: bool = False
+    ) -> list[Explanation]:
+        return explain_result(await self.send(explain_call(images, model, top_k, overlay)))
 
     async def models(self) -> dict[str, Any]:
         result: dict[str, Any] = checked(await self.send(Call("GET", "/v1/models")))

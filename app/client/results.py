@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +26,23 @@ class Prediction:
     @classmethod
     def parse(cls, body: dict[str, Any]) -> Prediction:
         return cls([ClassScore(**score) for score in body["top_k"]], body.get("logits"))
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """One image's classes, best first, its attention-rollout map (rows x cols, summing to 1), and the map over the
+    image as PNG bytes when asked for."""
+
+    top_k: list[ClassScore]
+    attention: np.ndarray
+    overlay_png: bytes | None = None
+
+    @classmethod
+    def parse(cls, body: dict[str, Any]) -> Explanation:
+        overlay = body.get("overlay")
+        png = base64.b64decode(overlay.partition(",")[2]) if overlay else None
+        attention = np.array(body["attention"], dtype=np.float32).reshape(body["grid"])
+        return cls([ClassScore(**score) for score in body["top_k"]], attention, png)
 
 
 class APIError(Exception):
