@@ -25,8 +25,9 @@ EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
 HEADER_LENGTH = "inference-header-content-length"
 
 
-def oip_model(request: Request) -> OipModel:
-    """`{name}` (and `{version}`) of the path -> the model; 404 if unknown, noted for logs and metrics."""
+async def oip_model(request: Request) -> OipModel:
+    """`{name}` (and `{version}`) of the path -> the model; 404 if unknown, noted for logs and metrics. `async`, as
+    every handler here: FastAPI would run a plain `def` in its thread pool, a thread round trip a request."""
     params = request.path_params
     model = resolve(request.app.state.engine, params["name"], params.get("version"))
     request.state.model = model.served.name
@@ -61,15 +62,15 @@ async def server_ready(request: Request) -> Response:
     return _readiness(engine.ready)
 
 
-def model_metadata(model: Model) -> Response:
+async def model_metadata(model: Model) -> Response:
     return JSONResponse(model.metadata())
 
 
-def model_ready(model: Model) -> Response:
+async def model_ready(model: Model) -> Response:
     return _readiness(model.served.ready)
 
 
-def model_config(request: Request, model: Model) -> Response:
+async def model_config(request: Request, model: Model) -> Response:
     engine: Engine = request.app.state.engine
     return JSONResponse(model.config(max_request_batch=engine.limits.max_images_per_request))
 
