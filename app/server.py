@@ -92,14 +92,16 @@ def serve(
     sockets: list[socket.socket] | None = None,
     on_started: Callable[[], None] | None = None,
     metrics_dir: Path | None = None,
+    before_serving: Callable[[], None] | None = None,
 ) -> None:
     """Load the models and serve them until SIGTERM/SIGINT, then drain: one server process (or one of `workers`,
-    on `sockets` bound by the supervisor, with its metrics in the shared `metrics_dir`). Raises `ModelLoadError`."""
+    on `sockets` bound by the supervisor, with its metrics in the shared `metrics_dir`, taking connections only once
+    `before_serving` returns). Raises `ModelLoadError`."""
     from app.api.app import create_app
 
     engine = Engine.load(settings)
     config = uvicorn.Config(
-        create_app(settings, engine, metrics_dir=metrics_dir),
+        create_app(settings, engine, metrics_dir=metrics_dir, before_serving=before_serving),
         host=settings.host,
         port=settings.port,
         log_config=None,  # configured by the caller: one format for every logger

@@ -1,9 +1,11 @@
 """`workers` > 1: a supervisor process and that many server processes sharing one listening socket.
 
 The supervisor binds the port, then starts each worker as a fresh interpreter (spawn: CUDA cannot be forked). A worker
-loads its own copy of the models, warms them up, and only then starts accepting connections from the shared socket,
-so a connection is only ever taken by a worker that is ready. Each worker is a whole `app.server` process: its own
-event loop, batchers and decode threads, and the same graceful drain on SIGTERM.
+loads its own copy of the models and warms them up; once every worker is warm, they all start accepting connections
+from the shared socket. So a connection is only ever taken by a worker that is ready, and the first one ready does
+not take every connection opened meanwhile (kept-alive connections, from a load balancer say, would stay with it
+after the others are up). Each worker is a whole `app.server` process: its own event loop, batchers and decode
+threads, and the same graceful drain on SIGTERM.
 
 - Start-up: a worker that exits before it is ready (a model that does not load, say) stops the others, and the
   supervisor exits 1 with the worker's error in the log: the same failure would repeat on every restart.
@@ -50,8 +52,9 @@ METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 _spawn = multiprocessing.get_context("spawn")
 
 
-def run_worker(settings: Settings, sock: socket, metrics_dir: Path, ready: Event) -> None:
-    """A worker process's entry point: serve on the supervisor's socket; `ready` is set once it accepts requests.
+def run_worker(settings: Settings, sock: socket, metrics_dir: Path, warm: Event, go: Event, ready: Event) -> None:
+    """A worker process's entry point: serve on the supervisor's socket. `warm` is set once its models are warm; it
+    takes connections once `go` is set (every worker warm, or the supervisor stopping); `ready` is set once it does.
 
     The worker leaves the terminal's process group, so that Ctrl-C reaches the supervisor alone (which passes on one
     SIGTERM: the worker would otherwise see two signals and skip its drain), and drains by itself if the supervisor
@@ -61,9 +64,18 @@ def run_worker(settings: Settings, sock: socket, metrics_dir: Path, ready: Event
 
     os.setpgrp()
     configure_logging(settings.log_level, settings.log_format)
-    threading.Thread(target=_drain_when_orphaned, args=(os.getppid(),), name="orphan-watch", daemon=True).start()
+    parent = os.getppid()
+    threading.Thread(target=_drain_when_orphaned, args=(parent,), name="orphan-watch", daemon=True).start()
+
+    def when_all_are_warm() -> None:
+        log.info("worker %d warm; waiting for the others before taking connections", os.getpid())
+        warm.set()
+        while not go.wait(POLL_S) and os.getppid() == parent:  # bounded by the supervisor, or its absence
+            pass
+        log.info("worker %d taking connections", os.getpid())
+
     try:
-        serve(settings, sockets=[sock], on_started=ready.set, metrics_dir=metrics_dir)
+        serve(settings, sockets=[sock], on_started=ready.set, metrics_dir=metrics_dir, before_serving=when_all_are_warm)
     except ModelLoadError as exc:
         log.error("worker %d: %s", os.getpid(), exc)
         raise SystemExit(EXIT_FAILED) from None
@@ -80,6 +92,7 @@ def _drain_when_orphaned(parent: int) -> None:
 class Worker:
     index: int
     process: SpawnProcess
+    warm: Event
     ready: Event
     failures_in_a_row: int = 0
     terminated: bool = False
@@ -103,16 +116,17 @@ class Supervisor:
     metrics_dir: Path
     workers: list[Worker] = field(default_factory=list)
     signals: int = 0
+    go: Event = field(default_factory=_spawn.Event)  # set once every first worker is warm: all take connections
 
     def start_worker(self, index: int, failures_in_a_row: int = 0) -> Worker:
-        ready = _spawn.Event()
+        warm, ready = _spawn.Event(), _spawn.Event()
         process = _spawn.Process(
             target=run_worker,
-            args=(self.settings, self.sock, self.metrics_dir, ready),
+            args=(self.settings, self.sock, self.metrics_dir, warm, self.go, ready),
             name=f"vit-serve-worker-{index}",
         )
         process.start()
-        worker = Worker(index, process, ready, failures_in_a_row)
+        worker = Worker(index, process, warm, ready, failures_in_a_row)
         log.info(
             "worker %d started (pid %d)", index, worker.pid, extra={"fields": {"worker": index, "pid": worker.pid}}
         )
@@ -139,19 +153,23 @@ class Supervisor:
         return self._stop(0)
 
     def _wait_until_ready(self) -> bool:
-        """True once every worker is ready; False if a signal came or one exited first."""
-        while not all(worker.ready.is_set() for worker in self.workers):
-            if self.signals:
-                return False
-            for worker in self.workers:
-                if not worker.process.is_alive() and not worker.ready.is_set():
-                    log.error(
-                        "worker %d exited with status %s before it was ready: stopping",
-                        worker.index,
-                        worker.process.exitcode,
-                    )
+        """True once every worker is warm, has been let in (`go`), and is ready; False if a signal came or one exited
+        first."""
+        for stage in ("warm", "ready"):
+            if stage == "ready":
+                self.go.set()  # every worker warm: all of them take connections from now on
+            while not all(getattr(worker, stage).is_set() for worker in self.workers):
+                if self.signals:
                     return False
-            time.sleep(POLL_S)
+                for worker in self.workers:
+                    if not worker.process.is_alive() and not worker.ready.is_set():
+                        log.error(
+                            "worker %d exited with status %s before it was ready: stopping",
+                            worker.index,
+                            worker.process.exitcode,
+                        )
+                        return False
+                time.sleep(POLL_S)
         return True
 
     def _replace(self, worker: Worker) -> Worker:
@@ -183,6 +201,7 @@ class Supervisor:
     def _stop(self, status: int) -> int:
         """SIGTERM to every worker (once), wait for the drains (bounded), SIGKILL what is left; the exit status."""
         self.signals = max(self.signals, 1)
+        self.go.set()  # none waits at the barrier
         for worker in self.workers:
             worker.terminate()
         deadline = time.monotonic() + self.settings.drain_timeout_s + DRAIN_MARGIN_S

@@ -97,6 +97,11 @@ def test_workers_share_the_port_answer_each_request_and_their_metrics_add_up(tmp
         output = stop(server)  # SIGTERM to the supervisor: each worker drains, and all exit 0
     answered_by = {line["pid"] for line in access_lines(output) if line["path"] == "/v1/classify"}
     assert len(answered_by) == 2  # both workers took connections
+    # The start barrier: no worker took a connection before both were warm.
+    lines = output.splitlines()
+    warm = [n for n, line in enumerate(lines) if "warm; waiting for the others" in line]
+    taking = [n for n, line in enumerate(lines) if re.search(r"worker \d+ taking connections", line)]
+    assert len(warm) == len(taking) == 2 and max(warm) < min(taking)
     assert output.count("Application shutdown complete") == 2
     assert "all workers stopped; exiting with status 0" in output
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -20,14 +21,23 @@ from app.metrics import Metrics
 from app.settings import Settings
 
 
-def create_app(settings: Settings, engine: Engine, *, metrics_dir: Path | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    engine: Engine,
+    *,
+    metrics_dir: Path | None = None,
+    before_serving: Callable[[], None] | None = None,
+) -> FastAPI:
     """The HTTP service. Its lifespan warms the engine up before serving and drains it on shutdown. `metrics_dir`:
-    this is one of several workers, whose metrics are combined there (see `Metrics`)."""
+    this is one of several workers, whose metrics are combined there (see `Metrics`). `before_serving` (blocking, run
+    on a thread) runs once the engine is warm and before any connection is taken: the workers' start barrier."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
         metrics.start()
+        if before_serving is not None:
+            await asyncio.to_thread(before_serving)
         try:
             yield
         finally:
