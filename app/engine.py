@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal, Protocol, TypeVar, overload
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -353,7 +353,11 @@ class Engine:
             )
         k = _top_k(served, top_k)
         explained, timings = await self._run(
-            served, served.explainer, len(images), lambda: self._prepare_all(served, images, on_cpu=True), timeout_s
+            served,
+            served.explainer,
+            len(images),
+            lambda: self._prepare_all(served, images, served.prepare_on_cpu),
+            timeout_s,
         )
         overlays: list[bytes | None] = [None] * len(explained)
         if overlay:
@@ -375,7 +379,7 @@ class Engine:
         """Encoded images -> the model's outputs, one per image, in order (decoded and preprocessed here)."""
         served = self.model(model)
         outputs, timings = await self._run(
-            served, served.batcher, len(images), lambda: self._prepare_all(served, images), timeout_s
+            served, served.batcher, len(images), lambda: self._prepare_all(served, images, served.prepare), timeout_s
         )
         return Inference(served.name, outputs, timings)
 
@@ -440,27 +444,18 @@ class Engine:
         )
         return [c.value for c in completed], timings
 
-    @overload
     async def _prepare_all(
-        self, served: ServedModel, images: Sequence[bytes], *, on_cpu: Literal[True]
-    ) -> list[torch.Tensor]: ...
-
-    @overload
-    async def _prepare_all(self, served: ServedModel, images: Sequence[bytes]) -> list[Prepared]: ...
-
-    async def _prepare_all(
-        self, served: ServedModel, images: Sequence[bytes], *, on_cpu: bool = False
-    ) -> list[Prepared] | list[torch.Tensor]:
-        """Decode and preprocess every image in the pool, in parallel; the first bad image (in order) fails all.
-        `on_cpu`: always to pixels on the CPU, exactly (never left for the device decoder, never draft-decoded)."""
+        self, served: ServedModel, images: Sequence[bytes], prepare: Callable[[bytes, int], T]
+    ) -> list[T]:
+        """`prepare` (decode and preprocess) every image in the pool, in parallel; the first bad image (in order)
+        fails all."""
         loop = asyncio.get_running_loop()
         max_pixels = self.limits.max_image_pixels
-        prepare = served.prepare_on_cpu if on_cpu else served.prepare
         results = await asyncio.gather(
             *(loop.run_in_executor(self._decode_pool, _timed, prepare, data, max_pixels) for data in images),
             return_exceptions=True,
         )
-        tensors: list[Any] = []
+        tensors: list[T] = []
         for index, result in enumerate(results):
             if isinstance(result, ServeError):
                 raise result.at(index)
