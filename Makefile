@@ -50,7 +50,9 @@ run: $(STAMP_RUN)
 
 test: $(STAMP_TEST) $(NGINX) $(CHROMIUM)
 	$(BIN)/ruff check app tests bench
+	$(BIN)/ruff format --check app tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 # 20,000 mixed requests against a real server: memory, file descriptors and threads must stay flat (a few minutes).
@@ -66,6 +68,7 @@ lint: $(STAMP_TEST)
 	$(BIN)/ruff check app tests bench
 	$(BIN)/ruff format --check app tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # Known vulnerabilities in the installed dependencies (needs PyPI's JSON API or OSV on the network).
 audit: $(STAMP_TEST)

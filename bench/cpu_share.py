@@ -86,7 +86,7 @@ def main() -> None:
         work = Path(temporary)
         body = write(work)[args.workload]
         port = free_port()
-        command = [sys.executable, "-m", "app.cli", "serve", "--model-repository", str(work / "models")]
+        command = [sys.executable, "-m", "app.serve.cli", "serve", "--model-repository", str(work / "models")]
         command += ["--model", "mtiny", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
         server = subprocess.Popen(
             [*command, *args.flags],

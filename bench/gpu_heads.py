@@ -16,9 +16,9 @@ from collections.abc import Callable
 import torch
 from torchvision.models import vit_b_16
 
-from app import attention
-from app.embedding import with_embedding
-from app.runner import GraphedForward
+from app.runtime.runner import GraphedForward
+from app.sources import attention
+from app.sources.embedding import with_embedding
 
 
 def seconds_per_call(fn: Callable[[torch.Tensor], object], x: torch.Tensor, n: int = 50) -> float:

@@ -121,7 +121,7 @@ class Server:
         command = [
             sys.executable,
             "-m",
-            "app.cli",
+            "app.serve.cli",
             "serve",
             "--model-repository",
             str(repository),

@@ -1,7 +1,8 @@
 """Where a batch of 1920x1280 JPEGs spends its time on the device, stage by stage, as the service runs them.
 
 For batch sizes 1, 16 and 64 of the benchmark's photograph (W-photo: chelsea at 1920x1280, JPEG q90): nvJPEG decode
-(one batched call, `app.gpu_decode.decode_jpegs`), the model's preset on the decoded images one at a time and with
+(one batched call, `app.pipeline.gpu_decode.decode_jpegs`), the model's
+preset on the decoded images one at a time and with
 same-size images together (`preprocess_decoded`; the service's default on a GPU), and the fp16 forward of ViT-B/16
 (CUDA graphs, as served). Each is the median of `--repeats` synchronised runs after a warm-up.
 Writes OUT/gpu_stages.json.
@@ -24,9 +25,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from app.gpu_decode import EncodedJpeg, decode_jpegs, preprocess_decoded, probe_jpeg  # noqa: E402
-from app.preprocess import PreprocessParams, build_preprocessor  # noqa: E402
-from app.runner import GraphedForward, batch_buckets  # noqa: E402
+from app.pipeline.gpu_decode import EncodedJpeg, decode_jpegs, preprocess_decoded, probe_jpeg  # noqa: E402
+from app.pipeline.preprocess import PreprocessParams, build_preprocessor  # noqa: E402
+from app.runtime.runner import GraphedForward, batch_buckets  # noqa: E402
 from tests.photos import jpeg, photo  # noqa: E402
 
 BATCHES = (1, 16, 64)

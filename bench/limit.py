@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from app.decode import decode
-from app.preprocess import PreprocessParams, build_preprocessor, preprocess
+from app.pipeline.decode import decode
+from app.pipeline.preprocess import PreprocessParams, build_preprocessor, preprocess
 from bench.workload import MAX_BATCH, MODELS, WORKLOADS, model
 
 PRESET = build_preprocessor(PreprocessParams(crop_size=224, resize_size=256))

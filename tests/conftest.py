@@ -7,9 +7,9 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from app.api.app import create_app
-from app.engine import Engine
-from app.settings import Settings
+from app.config.settings import Settings
+from app.engine.facade import Engine
+from app.http.app import create_app
 from tests.fakes import fake_engine
 
 ClientFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]

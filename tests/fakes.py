@@ -15,11 +15,11 @@ from PIL import Image
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
-from app.engine import Engine, Limits
-from app.loading import LoadedModel
-from app.preprocess import PreprocessParams, build_preprocessor
-from app.served_model import ServedModel
-from app.settings import AccelerationConfig, BatchingConfig
+from app.config.settings import AccelerationConfig, BatchingConfig
+from app.engine.facade import Engine, Limits
+from app.engine.served_model import ServedModel
+from app.pipeline.preprocess import PreprocessParams, build_preprocessor
+from app.sources.loading import LoadedModel
 
 FAKE_IMAGE_SIZE = 32
 FAKE_CLASSES = 10

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from app.decode import decode
-from app.lanes import Lane, LaneSpec
-from app.preprocess import PreprocessParams, build_preprocessor
-from app.runner import Forward
+from app.pipeline.decode import decode
+from app.pipeline.preprocess import PreprocessParams, build_preprocessor
+from app.runtime.lanes import Lane, LaneSpec
+from app.runtime.runner import Forward
 
 PRESET = build_preprocessor(PreprocessParams(crop_size=224, resize_size=256))
 

@@ -55,9 +55,9 @@ class ServerProcess:
 
 
 def start(args: list[str], *, cwd: Path, env: dict[str, str] | None = None) -> ServerProcess:
-    # `python -m app.cli` is the `vit-serve` entry point; it also runs where the package is on PYTHONPATH, not installed
-    # (the GPU host).
-    command = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", *args]
+    # `python -m app.serve.cli` is the `vit-serve` entry point; it also runs where the package is on PYTHONPATH, not
+    # installed (the GPU host).
+    command = [sys.executable, "-m", "app.serve.cli", "serve", "--host", "127.0.0.1", *args]
     log = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115  (closed by ServerProcess.wait)
     process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **(env or {})}, stdout=log, stderr=log)
     return ServerProcess(process, log)

@@ -16,14 +16,14 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from app.batcher import Batcher
-from app.engine import Engine
+from app.config.settings import BatchingConfig, Settings
+from app.engine.batcher import Batcher
+from app.engine.facade import Engine
 from app.errors import InvalidImage, ModelLoadError
-from app.gpu_decode import EncodedJpeg, decode_jpegs, preprocess_decoded, probe_jpeg
-from app.lanes import Lane
-from app.memory import images_per_forward
-from app.runner import BucketedForward, EagerForward, Forward, batch_buckets, bucket_for, compile_module
-from app.settings import BatchingConfig, Settings
+from app.pipeline.gpu_decode import EncodedJpeg, decode_jpegs, preprocess_decoded, probe_jpeg
+from app.runtime.lanes import Lane
+from app.runtime.memory import images_per_forward
+from app.runtime.runner import BucketedForward, EagerForward, Forward, batch_buckets, bucket_for, compile_module
 from tests.conftest import serve_in_process
 from tests.fakes import CPU_ACCELERATION, FakeViT, fake_engine, fake_served_model, tiny_vit, write_model_folder
 from tests.lanes import PRESET, preset_lane, preset_pixels

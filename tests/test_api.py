@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from app.engine import Limits
-from app.settings import BatchingConfig, Settings
+from app.config.settings import BatchingConfig, Settings
+from app.engine.facade import Limits
 from tests.conftest import ClientFactory, serve_in_process
 from tests.fakes import (
     FAKE_CLASSES,

@@ -21,10 +21,10 @@ from torch import nn
 from torchvision.models import resnet18
 from torchvision.models.vision_transformer import VisionTransformer
 
-from app.attention import attentions, rollout, supports_attention
-from app.hf_models import LogitsOf
-from app.overlay import INFERNO, model_view, overlay_png
-from app.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from app.pipeline.overlay import INFERNO, model_view, overlay_png
+from app.pipeline.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from app.sources.attention import attentions, rollout, supports_attention
+from app.sources.hf_models import LogitsOf
 from tests.fakes import steered_vit
 
 # ---------------------------------------------------------------------------------------------------- rollout maths

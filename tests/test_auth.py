@@ -9,7 +9,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from app.settings import Settings
+from app.config.settings import Settings
 from tests.conftest import ClientFactory
 from tests.fakes import fake_engine, image_bytes
 

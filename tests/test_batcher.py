@@ -7,9 +7,9 @@ import threading
 
 import pytest
 
-from app.batcher import Batcher, BatchRecord, Completed
+from app.config.settings import BatchingConfig
+from app.engine.batcher import Batcher, BatchRecord, Completed
 from app.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
-from app.settings import BatchingConfig
 from tests.fakes import wait_until
 
 FAR = 3600.0  # a deadline nobody reaches

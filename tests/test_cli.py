@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from app import cli
-from app.settings import Settings
+from app.config.settings import Settings
+from app.serve import cli
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 import yaml
 
-from app.settings import Settings
+from app.config.settings import Settings
 from tests.dockerfile import healthcheck_command
 
 REPO = Path(__file__).resolve().parent.parent

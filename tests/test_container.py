@@ -77,7 +77,7 @@ def test_the_build_context_has_what_the_image_copies_and_nothing_else() -> None:
         if name == "COPY" and not args.startswith("--from")
     ]
     assert set(copied) == {"pyproject.toml", "README.md", "app", "models"}
-    for path in ("pyproject.toml", "README.md", "app/engine.py", "models/vit_b_16/model.toml"):
+    for path in ("pyproject.toml", "README.md", "app/engine/facade.py", "models/vit_b_16/model.toml"):
         assert in_build_context(path), path
     for path in (
         ".venv/bin/python",

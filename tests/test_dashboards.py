@@ -13,8 +13,8 @@ import torch
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.metrics import CudaMemoryCollector
-from app.worker_metrics import CUDA_MEMORY
+from app.observability.metrics import CudaMemoryCollector
+from app.observability.worker_metrics import CUDA_MEMORY
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "deploy" / "grafana" / "vit-serve-dashboard.json"

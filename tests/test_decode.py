@@ -17,10 +17,10 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 from torchvision.models import ViT_B_16_Weights
 
-from app.decode import decode
+from app.config.settings import Settings
 from app.errors import BadRequest, InvalidImage, PayloadTooLarge, ServeError, UnsupportedMediaType
-from app.preprocess import PreprocessParams, build_preprocessor, preset_params
-from app.settings import Settings
+from app.pipeline.decode import decode
+from app.pipeline.preprocess import PreprocessParams, build_preprocessor, preset_params
 
 MAX_PIXELS = 1_000_000
 DEFAULT_MAX_PIXELS: int = Settings.model_fields["max_image_pixels"].default

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from app.decode import ACCEPTED_FORMATS, decode
 from app.errors import ServeError
+from app.pipeline.decode import ACCEPTED_FORMATS, decode
 
 MAX_PIXELS = 1_000_000
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from app.settings import Settings
+from app.config.settings import Settings
 from tests.conftest import ClientFactory
 from tests.fakes import fake_engine
 from tests.processes import chelsea_jpeg, tiny_server_process

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app import cli
+from app.serve import cli
 from tests.fakes import tiny_vit, write_model_folder
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,11 +14,11 @@ import torch
 import transformers
 from torch import nn
 
-from app.embedding import with_embedding
-from app.engine import Engine
-from app.hf_models import LogitsOf
-from app.preprocess import PreprocessParams, build_preprocessor
-from app.settings import Settings
+from app.config.settings import Settings
+from app.engine.facade import Engine
+from app.pipeline.preprocess import PreprocessParams, build_preprocessor
+from app.sources.embedding import with_embedding
+from app.sources.hf_models import LogitsOf
 from tests.conftest import serve_in_process
 from tests.fakes import fake_engine, tiny_vit, write_model_folder
 from tests.photos import photo_jpegs
@@ -40,7 +40,7 @@ def encoder_output(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def preprocessed(data: bytes) -> torch.Tensor:
-    from app.decode import decode
+    from app.pipeline.decode import decode
 
     return build_preprocessor(PreprocessParams.for_image_size(SIZE))(decode(data, max_pixels=10**8))
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.engine import Engine
-from app.settings import Settings
+from app.config.settings import Settings
+from app.engine.facade import Engine
 from tests.conftest import serve_in_process
 from tests.fakes import fake_engine, steered_vit, tiny_vit, write_model_folder
 from tests.photos import photo_jpegs

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from app.engine import Engine
-from app.gpu_decode import decode_jpegs, preprocess_decoded, probe_jpeg
-from app.lanes import Lane
-from app.runner import EagerForward, Forward, GraphedForward, batch_buckets, build_forward, compile_module
-from app.settings import Settings
+from app.config.settings import Settings
+from app.engine.facade import Engine
+from app.pipeline.gpu_decode import decode_jpegs, preprocess_decoded, probe_jpeg
+from app.runtime.lanes import Lane
+from app.runtime.runner import EagerForward, Forward, GraphedForward, batch_buckets, build_forward, compile_module
 from tests.conftest import serve_in_process
 from tests.fakes import tiny_vit, write_model_folder
 from tests.lanes import PRESET, preset_lane, preset_pixels

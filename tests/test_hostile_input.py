@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, ImageFile
 
-from app.settings import Settings
+from app.config.settings import Settings
 from tests.conftest import ClientFactory
 from tests.fakes import fake_engine, image_bytes
 from tests.processes import chelsea_jpeg, tiny_server

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.settings import Settings
+from app.config.settings import Settings
 from tests.kubernetes_schemas import Manifest, render, validate_kserve, validate_kubernetes
 
 K8S = Path(__file__).resolve().parent.parent / "deploy" / "k8s"

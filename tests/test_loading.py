@@ -12,12 +12,12 @@ import torch
 from PIL import Image, ImageOps
 from skimage import data as skdata
 
-from app.engine import Engine
+from app.config.model_config import load_model_config
+from app.config.settings import Settings
+from app.engine.facade import Engine
 from app.errors import ModelLoadError
-from app.loading import load_model
-from app.model_config import load_model_config
-from app.preprocess import PreprocessParams, build_preprocessor
-from app.settings import Settings
+from app.pipeline.preprocess import PreprocessParams, build_preprocessor
+from app.sources.loading import load_model
 from tests.conftest import serve_in_process
 from tests.fakes import tiny_vit, write_model_folder
 

@@ -12,8 +12,8 @@ import tritonclient.http as triton
 from pydantic import SecretStr, ValidationError
 from tritonclient.utils import InferenceServerException
 
-from app.engine import Engine
-from app.settings import Settings
+from app.config.settings import Settings
+from app.engine.facade import Engine
 from tests.conftest import serve_in_process
 from tests.fakes import tiny_vit, write_model_folder
 from tests.photos import photo_jpegs

@@ -16,9 +16,9 @@ import transformers
 from PIL import Image
 from skimage import data as skdata
 
-from app.engine import Engine
+from app.config.settings import Settings
+from app.engine.facade import Engine
 from app.errors import ModelLoadError
-from app.settings import Settings
 from tests.conftest import serve_in_process
 
 LABELS = ["ant", "bee", "cat", "dog", "eel"]

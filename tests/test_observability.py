@@ -13,8 +13,8 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.logs import JsonFormatter, TextFormatter
-from app.settings import BatchingConfig
+from app.config.settings import BatchingConfig
+from app.observability.logs import JsonFormatter, TextFormatter
 from tests.conftest import ClientFactory
 from tests.fakes import (
     FakeViT,

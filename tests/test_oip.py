@@ -10,7 +10,7 @@ import numpy as np
 import orjson
 import pytest
 
-from app.oip.tensors import pack_bytes, unpack_bytes
+from app.protocols.oip.tensors import pack_bytes, unpack_bytes
 from tests.conftest import ClientFactory
 from tests.fakes import (
     FAKE_CLASSES,

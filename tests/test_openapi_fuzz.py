@@ -9,8 +9,8 @@ import schemathesis
 import schemathesis.checks as checks
 from hypothesis import HealthCheck, given, settings
 
-from app.api.app import create_app
-from app.settings import Settings
+from app.config.settings import Settings
+from app.http.app import create_app
 from tests.fakes import fake_engine
 from tests.processes import tiny_server
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from app.settings import BatchingConfig, Settings
+from app.config.settings import BatchingConfig, Settings
 from tests.conftest import ClientFactory
 from tests.fakes import FakeViT, fake_engine, fake_served_model, image_bytes, served_model_of
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry, Gauge
 
-from app.settings import Settings
-from app.worker_metrics import CUDA_MEMORY, WorkerSampler
+from app.config.settings import Settings
+from app.observability.worker_metrics import CUDA_MEMORY, WorkerSampler
 from tests.fakes import fake_served_model
 from tests.photos import jpeg, photo
 from tests.processes import access_lines, free_port, start_tiny, stop, tiny_server

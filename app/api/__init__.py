@@ -1,1 +1,0 @@
-"""The HTTP adapter: routes read a request, call the engine, and shape the response. No model code here."""

@@ -1,0 +1,514 @@
+"""The inference engine as a library: load models, then `await engine.classify(...)`; no HTTP below this line.
+
+engine = Engine.load(settings)
+async with engine:
+    predictions = await engine.classify([jpeg_bytes], top_k=5)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+import torch
+
+from app.config.model_config import list_models, load_model_config
+from app.config.settings import Settings
+from app.engine.batcher import Batcher, BatchRecord, Completed
+from app.engine.served_model import ModelInfo, ServedModel
+from app.errors import (
+    BadRequest,
+    Conflict,
+    DeadlineExceeded,
+    InvalidParameter,
+    ModelLoadError,
+    ModelLoadFailed,
+    ModelNotFound,
+    NotReady,
+    PayloadTooLarge,
+    ServeError,
+)
+from app.pipeline import postprocess
+from app.pipeline.postprocess import ImageOutput, Prediction
+from app.runtime.device import check_acceleration, resolve_device, resolve_dtype
+from app.runtime.lanes import Prepared
+from app.sources.loading import load_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOP_K = 5
+In = TypeVar("In")
+Out = TypeVar("Out")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_images_per_request: int
+    max_image_pixels: int
+    request_timeout_s: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(settings.max_images_per_request, settings.max_image_pixels, settings.request_timeout_s)
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Where one request's time went, in seconds: its images decoded in parallel, then the slowest image's wait
+    in the queue and its batch's forward."""
+
+    preprocess_s: float = 0.0
+    queue_wait_s: float = 0.0
+    inference_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Inference:
+    """The model's raw outputs for a request's images, in order."""
+
+    model: str
+    outputs: list[ImageOutput]
+    timings: Timings
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    model: str
+    predictions: list[Prediction]
+    timings: Timings = field(default_factory=Timings)
+
+
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    model: str
+    vectors: np.ndarray  # (n, dim) float32, one row per image in order
+    normalized: bool
+    timings: Timings
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    prediction: Prediction
+    attention: np.ndarray  # (rows, cols) float32: the attention-rollout map over the patch grid, summing to 1
+    overlay_png: bytes | None  # the map over the image the model saw, when asked for
+
+
+@dataclass(frozen=True, slots=True)
+class Explanations:
+    model: str
+    explanations: list[Explanation]
+    timings: Timings
+
+
+class EngineObserver(Protocol):
+    """What the engine reports as it works (the metrics module implements it)."""
+
+    def image_prepared(self, model: str, seconds: float) -> None: ...
+
+    def batch_done(self, model: str, record: BatchRecord) -> None: ...
+
+    def model_loaded(self, model: ServedModel) -> None: ...
+
+    def model_unloaded(self, name: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    """Where models loaded while serving come from: the model repository."""
+
+    names: Callable[[], list[str]]  # the models it holds
+    load: Callable[[str], ServedModel]  # a name -> that model, loaded (blocking), not yet warm
+
+
+class Engine:
+    """Several served models sharing one decode pool; the first model is the default."""
+
+    def __init__(
+        self,
+        models: Sequence[ServedModel],
+        *,
+        limits: Limits,
+        decode_workers: int,
+        source: ModelSource | None = None,
+    ) -> None:
+        if not models:
+            raise ValueError("an engine needs at least one model")
+        self._models = {m.name: m for m in models}
+        self.source = source  # for models loaded while serving (`load_model`)
+        self._control = asyncio.Lock()  # one load or unload at a time
+        self.default_model = models[0].name
+        self.limits = limits
+        self._decode_pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="decode")
+        self._started = False
+        self._stopping = False
+        self._observer: EngineObserver | None = None
+
+    @classmethod
+    def load(cls, settings: Settings) -> Engine:
+        """Read every named model's config and load its weights (blocking; raises `ModelLoadError`)."""
+        threads = settings.resolved_torch_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
+        acceleration = settings.acceleration()
+        check_acceleration(acceleration, device)
+
+        def load(name: str) -> ServedModel:
+            config = load_model_config(
+                settings.model_repository,
+                name,
+                weights_override=settings.weights if name == settings.default_model else None,
+            )
+            loaded = load_model(config, device=device, dtype=dtype, cache_dir=settings.weights_cache_dir)
+            model = ServedModel(
+                config.name,
+                config.arch,
+                loaded,
+                device=device,
+                dtype=dtype,
+                batching=config.batching_config(settings.batching()),
+                acceleration=acceleration,
+            )
+            info = model.info()
+            log.info(
+                "model %r loaded: %s, weights %s, %s %s, %d parameters, batching %s",
+                info.name,
+                info.arch,
+                info.weights,
+                info.device,
+                info.dtype,
+                info.num_params,
+                info.batching,
+                extra={"fields": _startup_fields(info)},
+            )
+            return model
+
+        for name in settings.model:  # every config read first: a typo in the last fails before any weights load
+            load_model_config(settings.model_repository, name)
+        return cls(
+            [load(name) for name in settings.model],
+            limits=Limits.from_settings(settings),
+            decode_workers=settings.resolved_decode_workers(),
+            source=ModelSource(names=lambda: list_models(settings.model_repository), load=load),
+        )
+
+    def observe(self, observer: EngineObserver) -> None:
+        """Report preprocessing times, every batch, and models loaded and unloaded to `observer` from now on."""
+        self._observer = observer
+        for model in self._models.values():
+            model.on_batch = functools.partial(observer.batch_done, model.name)
+
+    @property
+    def models(self) -> list[ServedModel]:
+        return list(self._models.values())
+
+    @property
+    def ready(self) -> bool:
+        return self._started and not self._stopping and all(m.ready for m in self._models.values())
+
+    def model(self, name: str | None = None) -> ServedModel:
+        try:
+            return self._models[name or self.default_model]
+        except KeyError:
+            raise ModelNotFound(f"no model named {name!r}; served: {', '.join(self._models)}") from None
+
+    async def start(self) -> None:
+        """Warm every model up (a forward at its largest batch size) and start its batcher."""
+        for model in self._models.values():
+            await _warm(model)
+        self._started = True
+
+    async def load_model(self, name: str, *, drain_timeout_s: float) -> ServedModel:
+        """Load `name` from the model repository while serving, warm it up, and serve it. A model already served
+        under that name is replaced: requests it accepted are answered by it (drained for up to `drain_timeout_s`),
+        requests from the swap on go to the new one. Raises `ModelNotFound` (no such folder) or `ModelLoadFailed`."""
+        if self.source is None:
+            raise NotReady("this engine cannot load models while serving")
+        if name not in self.source.names():
+            raise ModelNotFound(f"the model repository has no model {name!r}")
+        async with self._control:
+            if self._stopping:
+                raise NotReady("the service is shutting down")
+            try:
+                model = await asyncio.get_running_loop().run_in_executor(None, self.source.load, name)
+            except ModelLoadError as exc:
+                raise ModelLoadFailed(str(exc)) from None
+            except Exception as exc:  # e.g. out of device memory: the load fails, what is served goes on
+                log.exception("model %r: loading failed", name)
+                raise ModelLoadFailed(f"model {name!r}: {type(exc).__name__}: {exc}") from None
+            if self._observer is not None:
+                model.on_batch = functools.partial(self._observer.batch_done, model.name)
+            try:
+                await _warm(model)
+            except Exception as exc:
+                await model.stop(0)
+                log.exception("model %r: warm-up failed", name)
+                raise ModelLoadFailed(f"model {name!r}: warm-up failed: {exc}") from None
+            old = self._models.get(name)
+            self._models[name] = model  # from here on, new requests for `name` reach the new model
+            if self._observer is not None:
+                self._observer.model_loaded(model)
+            if old is not None:
+                await old.stop(drain_timeout_s)
+                log.info("model %r replaced; the old one answered what it had accepted", name)
+        return model
+
+    async def unload_model(self, name: str, *, drain_timeout_s: float) -> None:
+        """Stop serving `name`: new requests for it get 404; those it accepted are answered (bounded drain)."""
+        async with self._control:
+            served = self.model(name)
+            if name == self.default_model:
+                raise Conflict(f"model {name!r} is the default model and cannot be unloaded; it can be reloaded")
+            del self._models[name]
+            await served.stop(drain_timeout_s)
+            if self._observer is not None:
+                self._observer.model_unloaded(name)
+            log.info("model %r unloaded", name, extra={"fields": {"model": name}})
+
+    def begin_shutdown(self) -> None:
+        """Not ready from now on, and new requests are refused with 503; what was accepted goes on to the end."""
+        self._stopping = True
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Not ready from now on; finish what was accepted (bounded), then release the threads."""
+        self._stopping = True
+        await asyncio.gather(*(m.stop(timeout_s) for m in self._models.values()))
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def classify(
+        self,
+        images: Sequence[bytes],
+        *,
+        model: str | None = None,
+        top_k: int | None = None,
+        logits: bool = True,
+        timeout_s: float | None = None,
+    ) -> Classification:
+        """Classify encoded images, each its own batch item; one prediction per image, in order.
+
+        `top_k` defaults to 5, or every class for a model with fewer.
+        """
+        served = self.model(model)
+        k = _top_k(served, top_k)
+        inference = await self.infer(images, model=served.name, timeout_s=timeout_s)
+        predictions = [postprocess.top_k(o, k, served.labels, with_logits=logits) for o in inference.outputs]
+        return Classification(served.name, predictions, inference.timings)
+
+    async def embed(
+        self,
+        images: Sequence[bytes],
+        *,
+        model: str | None = None,
+        normalize: bool = False,
+        timeout_s: float | None = None,
+    ) -> Embeddings:
+        """Encoded images -> their embeddings (the representation the model's head reads), from the same batches
+        and the same forward as `classify`; L2-normalised with `normalize`."""
+        served = self.model(model)
+        if not served.embedding_dim:
+            raise InvalidParameter(
+                f"model {served.name!r} is served without embeddings: its head could not be split off",
+                code="embedding_unsupported",
+            )
+        inference = await self.infer(images, model=served.name, timeout_s=timeout_s)
+        vectors = postprocess.embeddings([o.embedding for o in inference.outputs], normalize=normalize)
+        return Embeddings(served.name, vectors, normalize, inference.timings)
+
+    async def explain(
+        self,
+        images: Sequence[bytes],
+        *,
+        model: str | None = None,
+        top_k: int | None = None,
+        overlay: bool = False,
+        timeout_s: float | None = None,
+    ) -> Explanations:
+        """Encoded images -> top-k classes and attention-rollout maps (and PNG overlays), through the model's
+        explain queue: an eager forward that keeps every layer's attention, apart from the classify batches."""
+        served = self.model(model)
+        if served.explainer is None:
+            raise InvalidParameter(
+                f"model {served.name!r} cannot be explained: its attention weights cannot be read",
+                code="explain_unsupported",
+            )
+        k = _top_k(served, top_k)
+        explained, timings = await self._run(
+            served,
+            served.explainer,
+            len(images),
+            lambda: self._prepare_all(served, images, served.prepare_on_cpu),
+            timeout_s,
+        )
+        overlays: list[bytes | None] = [None] * len(explained)
+        if overlay:
+            loop = asyncio.get_running_loop()
+            overlays = list(
+                await asyncio.gather(
+                    *(loop.run_in_executor(self._decode_pool, served.overlay_png, e) for e in explained)
+                )
+            )
+        results = [
+            Explanation(postprocess.top_k(e.output, k, served.labels, with_logits=False), e.heat.numpy(), png)
+            for e, png in zip(explained, overlays, strict=True)
+        ]
+        return Explanations(served.name, results, timings)
+
+    async def infer(
+        self, images: Sequence[bytes], *, model: str | None = None, timeout_s: float | None = None
+    ) -> Inference:
+        """Encoded images -> the model's outputs, one per image, in order (decoded and preprocessed here)."""
+        served = self.model(model)
+        outputs, timings = await self._run(
+            served, served.batcher, len(images), lambda: self._prepare_all(served, images, served.prepare), timeout_s
+        )
+        return Inference(served.name, outputs, timings)
+
+    async def infer_pixels(
+        self, pixels: torch.Tensor, *, model: str | None = None, timeout_s: float | None = None
+    ) -> Inference:
+        """Already-preprocessed images, (n, 3, h, w) float32 at the model's input size -> the model's outputs."""
+        served = self.model(model)
+        expected = served.input_shape
+        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != expected:
+            raise BadRequest(
+                f"pixels must have shape [N, {', '.join(map(str, expected))}], not {list(pixels.shape)}",
+                code="invalid_shape",
+            )
+
+        async def split() -> list[Prepared]:
+            return list(pixels.float().unbind(0))
+
+        outputs, timings = await self._run(served, served.batcher, pixels.shape[0], split, timeout_s)
+        return Inference(served.name, outputs, timings)
+
+    async def _run(
+        self,
+        served: ServedModel,
+        batcher: Batcher[In, Out],
+        count: int,
+        prepare: Callable[[], Awaitable[list[In]]],
+        timeout_s: float | None,
+    ) -> tuple[list[Out], Timings]:
+        """The one request path: limits, admission, prepare, the batcher, a deadline over all of it."""
+        if self._stopping:
+            raise NotReady("the service is shutting down; send this request to another replica")
+        if count == 0:
+            raise BadRequest("the request holds no image", code="no_image")
+        if count > self.limits.max_images_per_request:
+            raise PayloadTooLarge(
+                f"{count} images in one request; the limit is {self.limits.max_images_per_request}",
+                code="too_many_images",
+            )
+        timeout = self.limits.request_timeout_s if timeout_s is None else min(timeout_s, self.limits.request_timeout_s)
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                with batcher.admit(count) as admission:  # 503 at once when full
+                    started = time.perf_counter()
+                    tensors = await prepare()
+                    preprocess_s = time.perf_counter() - started
+                    futures = admission.submit(tensors, deadline)
+                try:
+                    completed = await asyncio.gather(*futures)
+                except ServeError as error:  # one image failed in its batch (e.g. the device could not decode it)
+                    raise _at_image(error, futures) from None
+                finally:
+                    for future in futures:  # after an error or a cancel, drop this request's other images
+                        future.cancel()
+        except TimeoutError:
+            raise DeadlineExceeded(f"request did not finish within {timeout:g} s") from None
+        timings = Timings(
+            preprocess_s=preprocess_s,
+            queue_wait_s=max(c.queue_wait_s for c in completed),
+            inference_s=max(c.batch_s for c in completed),
+        )
+        return [c.value for c in completed], timings
+
+    async def _prepare_all(
+        self, served: ServedModel, images: Sequence[bytes], prepare: Callable[[bytes, int], T]
+    ) -> list[T]:
+        """`prepare` (decode and preprocess) every image in the pool, in parallel; the first bad image (in order)
+        fails all."""
+        loop = asyncio.get_running_loop()
+        max_pixels = self.limits.max_image_pixels
+        results = await asyncio.gather(
+            *(loop.run_in_executor(self._decode_pool, _timed, prepare, data, max_pixels) for data in images),
+            return_exceptions=True,
+        )
+        tensors: list[T] = []
+        for index, result in enumerate(results):
+            if isinstance(result, ServeError):
+                raise result.at(index)
+            if isinstance(result, BaseException):
+                raise result
+            tensor, seconds = result
+            if self._observer is not None:
+                self._observer.image_prepared(served.name, seconds)
+            tensors.append(tensor)
+        return tensors
+
+
+async def _warm(model: ServedModel) -> None:
+    """Warm a model up (a forward at every batch size it will see) and start its batcher."""
+    started = time.perf_counter()
+    await model.start()
+    seconds = time.perf_counter() - started
+    batch = model.batcher.config.max_batch_size
+    log.info(
+        "model %r warmed up (batch of %d) in %.2f s; ready",
+        model.name,
+        batch,
+        seconds,
+        extra={"fields": {"model": model.name, "warmup_batch": batch, "warmup_s": round(seconds, 3)}},
+    )
+
+
+def _startup_fields(info: ModelInfo) -> dict[str, object]:
+    fields = dataclasses.asdict(info)
+    fields["model"] = fields.pop("name")
+    del fields["ready"]
+    return fields
+
+
+def _top_k(served: ServedModel, top_k: int | None) -> int:
+    """`top_k` checked against the model, or its default: 5, or every class for a model with fewer."""
+    k = min(DEFAULT_TOP_K, served.num_classes) if top_k is None else top_k
+    if not 1 <= k <= served.num_classes:
+        raise InvalidParameter(f"top_k must be between 1 and {served.num_classes}, not {k}")
+    return k
+
+
+def _at_image(error: ServeError, futures: Sequence[asyncio.Future[Completed[Any]]]) -> ServeError:
+    """A client error (4xx: this image is at fault) pinned to the image whose future failed with it."""
+    if error.status >= 500:  # the batch's or the service's fault, not one image's
+        return error
+    for index, future in enumerate(futures):
+        if future.done() and not future.cancelled() and future.exception() is error:
+            return error.at(index)
+    return error
+
+
+def _timed(prepare: Callable[[bytes, int], T], data: bytes, max_pixels: int) -> tuple[T, float]:
+    started = time.perf_counter()
+    tensor = prepare(data, max_pixels)
+    return tensor, time.perf_counter() - started

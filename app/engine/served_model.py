@@ -1,0 +1,306 @@
+"""One served model: its module, labels and preprocessing, and the batcher in front of its forward pass."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import queue
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from app.config.settings import AccelerationConfig, BatchingConfig
+from app.engine.batcher import Batcher, BatchRecord
+from app.errors import ServeError
+from app.pipeline import overlay
+from app.pipeline.decode import decode
+from app.pipeline.gpu_decode import probe_jpeg
+from app.pipeline.postprocess import ImageOutput
+from app.pipeline.preprocess import preprocess
+from app.runtime.device import dtype_name
+from app.runtime.lanes import Lane, LaneSpec, Prepared
+from app.runtime.memory import forward_bytes_per_image, images_per_forward
+from app.runtime.runner import batch_buckets, build_forward, compile_module
+from app.sources import attention
+from app.sources.embedding import with_embedding
+from app.sources.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+EXPLAIN_MAX_BATCH = 8  # attention weights of every layer are kept for a whole batch: (n, heads, T, T) per layer
+
+
+@dataclass(frozen=True, slots=True)
+class Explained:
+    """One image through the attention-reading forward: its outputs, its rollout map, and the pixels it saw."""
+
+    output: ImageOutput
+    heat: torch.Tensor  # (rows, cols) float32, summing to 1
+    pixels: torch.Tensor  # (3, h, w) preprocessed
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    name: str
+    arch: str
+    weights: str
+    num_params: int
+    input_size: list[int]
+    num_classes: int
+    embedding_dim: int
+    explain: bool
+    device: str
+    dtype: str
+    batching: dict[str, Any]
+    preprocess: dict[str, Any]
+    acceleration: dict[str, Any]
+    ready: bool
+
+
+class ServedModel:
+    """Decode and preprocess run on the caller's threads (`prepare`); batches run on the batcher's threads, each in a
+    lane of its own (`pipeline_depth` of them)."""
+
+    def __init__(
+        self,
+        name: str,
+        arch: str,
+        loaded: LoadedModel,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        batching: BatchingConfig,
+        acceleration: AccelerationConfig,
+    ) -> None:
+        self.name = name
+        self.arch = arch
+        self.labels = loaded.labels
+        self._loaded = loaded
+        split = with_embedding(loaded.module, loaded.image_size)
+        self.embedding_dim = split.dim if split is not None else 0  # 0: served without embeddings
+        self._module: nn.Module = split if split is not None else loaded.module  # logits, then the embedding
+        self._preprocessor = loaded.preprocessor
+        self._device = device
+        self._dtype = dtype
+        self.acceleration = acceleration
+        self.decode_on_device = (
+            acceleration.decode_device in ("auto", "cuda") and device.type == "cuda" and loaded.tensor_preprocess
+        )
+        self.pipeline_depth = acceleration.pipeline_depth or (2 if device.type == "cuda" else 1)
+        self.max_images_per_forward = batching.max_batch_size  # bounded by device memory in the warm-up
+        # JPEGs decoded at a reduced scale, no smaller than the preset's resize (torchvision presets only)
+        resize = loaded.preprocess_info.get("resize_size")
+        self.draft_size: int | None = resize if acceleration.jpeg_draft and isinstance(resize, int) else None
+        self.buckets: list[int] = []  # batch sizes compiled or captured, in the warm-up
+        self._lanes: queue.SimpleQueue[Lane] = queue.SimpleQueue()
+        self.on_batch: Callable[[BatchRecord], None] | None = None
+        self.oom_splits = 0  # batches retried in halves after running out of device memory
+        self.batcher: Batcher[Prepared, ImageOutput] = Batcher(
+            self.forward, batching, name=name, on_batch=self._batch_done, max_in_flight=self.pipeline_depth
+        )
+        # Explanations run eagerly through the same weights in a queue of their own, so the classify path (graphed or
+        # compiled, one output) is untouched by them; None when this model's attention cannot be read.
+        explain_batching = batching.model_copy(
+            update={"max_batch_size": min(batching.max_batch_size, EXPLAIN_MAX_BATCH)}
+        )
+        self.explainer: Batcher[torch.Tensor, Explained] | None = (
+            Batcher(self.explain, explain_batching, name=f"{name}/explain")
+            if attention.supports_attention(loaded.module)
+            else None
+        )
+
+    def _batch_done(self, record: BatchRecord) -> None:
+        if self.on_batch is not None:
+            self.on_batch(record)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self._device.type == "cuda"
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """One preprocessed image: (3, h, w)."""
+        size = self._loaded.image_size
+        return (3, size, size)
+
+    @property
+    def ready(self) -> bool:
+        return self.batcher.alive
+
+    def prepare(self, data: bytes, max_pixels: int) -> Prepared:
+        """Decode and preprocess one image: bytes -> (3, crop, crop) float32. Runs in the decode pool.
+
+        With `decode_device = cuda`, a JPEG the device can decode is only checked here and left for its batch.
+        """
+        if self.decode_on_device:
+            jpeg = probe_jpeg(data, max_pixels=max_pixels)
+            if jpeg is not None:
+                return jpeg
+        return preprocess(decode(data, max_pixels=max_pixels, draft_size=self.draft_size), self._preprocessor)
+
+    def prepare_on_cpu(self, data: bytes, max_pixels: int) -> torch.Tensor:
+        """Decode and preprocess one image on the CPU, exactly (the explain path): bytes -> (3, crop, crop) float32."""
+        return preprocess(decode(data, max_pixels=max_pixels), self._preprocessor)
+
+    def explain(self, images: list[torch.Tensor]) -> list[Explained]:
+        """One batch through the attention-reading forward: outputs and rollout maps. On the explainer's thread."""
+        with torch.inference_mode():
+            pixels = torch.stack(images).to(self._device, self._dtype)
+            found = attention.attentions(self._loaded.module, pixels)
+            maps = attention.rollout(found.layers, found.prefix_tokens, found.grid).float().cpu()
+            logits = found.logits.float().cpu()
+        probs = logits.softmax(dim=-1)
+        empty = torch.empty(0)
+        return [
+            Explained(ImageOutput(logits=logits[i], probs=probs[i], embedding=empty), maps[i], images[i])
+            for i in range(len(images))
+        ]
+
+    def overlay_png(self, explained: Explained) -> bytes:
+        """The rollout map laid over the image the model saw (resized, cropped), as a PNG."""
+        info = self._loaded.preprocess_info
+        mean = info.get("mean") or info.get("image_mean") or (0.0, 0.0, 0.0)
+        std = info.get("std") or info.get("image_std") or (1.0, 1.0, 1.0)
+        return overlay.overlay_png(overlay.model_view(explained.pixels, mean, std), explained.heat)
+
+    def forward(self, images: list[Prepared]) -> list[ImageOutput | ServeError]:
+        """Run one batch in a free lane: n prepared images -> n outputs. Runs on one of the batcher's threads."""
+        lane = self._lanes.get(timeout=60)  # never waits: the batcher runs at most as many batches as there are lanes
+        try:
+            return self._run(lane, images)
+        finally:
+            self._lanes.put(lane)
+
+    def _run(self, lane: Lane, images: list[Prepared]) -> list[ImageOutput | ServeError]:
+        """Out of device memory, the batch is retried in two halves (and so on down to one image) before it fails:
+        a batch that fits at 16 but not at 32 is still answered, slower, instead of failing 32 requests."""
+        try:
+            return lane.run(images)
+        except torch.OutOfMemoryError:
+            if len(images) == 1:
+                raise
+            self.oom_splits += 1
+            log.warning(
+                "model %r: out of memory on a batch of %d; retrying it in two halves",
+                self.name,
+                len(images),
+                extra={"fields": {"model": self.name, "batch_size": len(images)}},
+            )
+            if self.on_gpu:
+                torch.cuda.empty_cache()
+            half = len(images) // 2
+            return self._run(lane, images[:half]) + self._run(lane, images[half:])
+
+    def warm_up(self) -> None:
+        """Build the lanes and run every batch size each will see (compiling and capturing), before ready.
+
+        On CUDA, first measure one image's forward memory and bound the images per forward by
+        `batch_memory_fraction` of the device's memory.
+        """
+        acceleration = self.acceleration
+        max_batch_size = self.batcher.config.max_batch_size
+        example = torch.randn((max_batch_size, *self.input_shape), generator=torch.Generator().manual_seed(0))
+        if self.on_gpu:
+            with torch.inference_mode():
+                measured = example[: min(max_batch_size, 8)].to(self._device, self._dtype)
+                per_image = forward_bytes_per_image(self._module, measured)
+            device_bytes = torch.cuda.get_device_properties(self._device).total_memory
+            self.max_images_per_forward = images_per_forward(
+                per_image, device_bytes, acceleration.batch_memory_fraction, max_batch_size
+            )
+            log.info(
+                "model %r: a forward takes %.1f MiB an image; at most %d images a forward",
+                self.name,
+                per_image / 2**20,
+                self.max_images_per_forward,
+                extra={"fields": {"model": self.name, "bytes_per_image": per_image}},
+            )
+        self.buckets = batch_buckets(self.max_images_per_forward, acceleration.batch_buckets)
+        compiled = compile_module(self._module) if acceleration.compile else None
+        spec = LaneSpec(
+            device=self._device,
+            dtype=self._dtype,
+            input_shape=self.input_shape,
+            max_batch_size=max_batch_size,
+            num_classes=self.num_classes,
+            embedding_dim=self.embedding_dim,
+            max_images_per_forward=self.max_images_per_forward,
+            preprocessor=self._preprocessor,
+            decode_on_cpu=self._decode_on_cpu,
+        )
+        for _ in range(self.pipeline_depth):
+            forward = build_forward(
+                self._module,
+                device=self._device,
+                buckets=self.buckets,
+                compiled=compiled,
+                cuda_graphs=acceleration.cuda_graphs,
+            )
+            lane = Lane(spec, forward)
+            lane.warm_up(example)
+            if self.decode_on_device:  # the device decoder's first use initialises it: not while serving
+                jpeg = probe_jpeg(_warmup_jpeg(), max_pixels=sys.maxsize)
+                assert jpeg is not None
+                lane.run([jpeg, jpeg])
+            self._lanes.put(lane)
+
+    def _decode_on_cpu(self, data: bytes) -> torch.Tensor:
+        return self.prepare_on_cpu(data, sys.maxsize)
+
+    def acceleration_info(self) -> dict[str, Any]:
+        """How batches run: what was asked for and what the warm-up settled (buckets, images per forward)."""
+        return {
+            "compile": self.acceleration.compile,
+            "cuda_graphs": self.acceleration.cuda_graphs and self.on_gpu,
+            "batch_buckets": self.buckets,
+            "decode_device": "cuda" if self.decode_on_device else "cpu",
+            "jpeg_draft": self.draft_size is not None,
+            "pipeline_depth": self.pipeline_depth,
+            "max_images_per_forward": self.max_images_per_forward,
+        }
+
+    async def start(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.warm_up)
+        await self.batcher.start()
+        if self.explainer is not None:
+            await self.explainer.start()
+
+    async def stop(self, timeout_s: float) -> None:
+        explainer = self.explainer.stop(timeout_s) if self.explainer is not None else asyncio.sleep(0)
+        await asyncio.gather(self.batcher.stop(timeout_s), explainer)
+
+    def info(self) -> ModelInfo:
+        size = self._loaded.image_size
+        return ModelInfo(
+            name=self.name,
+            arch=self.arch,
+            weights=self._loaded.weights_source,
+            num_params=self._loaded.num_params,
+            input_size=[3, size, size],
+            num_classes=self.num_classes,
+            embedding_dim=self.embedding_dim,
+            explain=self.explainer is not None,
+            device=str(self._device),
+            dtype=dtype_name(self._dtype),
+            batching=self.batcher.config.model_dump(),
+            preprocess=self._loaded.preprocess_info,
+            acceleration=self.acceleration_info(),
+            ready=self.ready,
+        )
+
+
+def _warmup_jpeg() -> bytes:
+    """A small JPEG to initialise the device decoder with."""
+    buffer = io.BytesIO()
+    Image.linear_gradient("L").convert("RGB").resize((64, 48)).save(buffer, format="JPEG")
+    return buffer.getvalue()

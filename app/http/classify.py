@@ -1,0 +1,59 @@
+"""`POST /v1/classify` and `POST /v1/models/{name}/classify`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from starlette.responses import Response
+
+from app.engine.facade import DEFAULT_TOP_K, Classification, Engine
+from app.http.dependencies import ModelName
+from app.http.image_endpoint import answer
+from app.http.schemas import ERROR_RESPONSES, ClassifyJSON, ClassifyOptions, ClassifyResponse, image_body_doc
+from app.pipeline.postprocess import ClassScore
+
+router = APIRouter(tags=["classify"])
+
+# Declared for the API docs; `answer` reads them with the body's options (the body wins).
+TopK = Annotated[int | None, Query(ge=1, description=f"Classes per image, best first (default {DEFAULT_TOP_K}).")]
+Logits = Annotated[bool | None, Query(description="Include the raw logits (default true).")]
+
+_ROUTE: dict[str, Any] = {
+    "response_model": ClassifyResponse,
+    "responses": ERROR_RESPONSES,
+    "openapi_extra": image_body_doc(ClassifyJSON),
+}
+
+
+@router.post("/v1/classify", summary="Classify images with the default model", **_ROUTE)
+async def classify_default(request: Request, model: ModelName, top_k: TopK = None, logits: Logits = None) -> Response:
+    return await classify(request, model)
+
+
+@router.post("/v1/models/{name}/classify", summary="Classify images with a named model", **_ROUTE)
+async def classify_with(
+    request: Request, name: str, model: ModelName, top_k: TopK = None, logits: Logits = None
+) -> Response:
+    return await classify(request, model)
+
+
+async def classify(request: Request, model: str) -> Response:
+    async def work(engine: Engine, images: list[bytes], options: ClassifyOptions) -> Classification:
+        return await engine.classify(images, model=model, top_k=options.top_k, logits=options.logits)
+
+    return await answer(request, ClassifyOptions, work, classification_body)
+
+
+def classification_body(result: Classification, options: ClassifyOptions) -> dict[str, Any]:
+    predictions = []
+    for prediction in result.predictions:
+        entry: dict[str, Any] = {"top_k": scores(prediction.top_k)}
+        if prediction.logits is not None:
+            entry["logits"] = prediction.logits
+        predictions.append(entry)
+    return {"model": result.model, "predictions": predictions}
+
+
+def scores(top_k: list[ClassScore]) -> list[dict[str, Any]]:
+    return [{"index": c.index, "label": c.label, "score": c.score} for c in top_k]

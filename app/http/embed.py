@@ -1,0 +1,65 @@
+"""`POST /v1/embed` and `POST /v1/models/{name}/embed`: image embeddings, from the classify batches' own forward."""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from starlette.responses import Response
+
+from app.engine.facade import Embeddings, Engine
+from app.http.dependencies import ModelName
+from app.http.image_endpoint import answer
+from app.http.schemas import ERROR_RESPONSES, EmbedJSON, EmbedOptions, EmbedResponse, image_body_doc
+
+router = APIRouter(tags=["embed"])
+
+# Declared for the API docs; `answer` reads them with the body's options (the body wins).
+Normalize = Annotated[bool | None, Query(description="Scale each embedding to unit L2 norm (default false).")]
+EncodingFormat = Annotated[
+    Literal["float", "base64"] | None,
+    Query(description="float (default): JSON numbers; base64: base64 of little-endian float32, one string an image."),
+]
+
+_ROUTE: dict[str, Any] = {
+    "response_model": EmbedResponse,
+    "responses": ERROR_RESPONSES,
+    "openapi_extra": image_body_doc(EmbedJSON),
+}
+
+
+@router.post("/v1/embed", summary="Embed images with the default model", **_ROUTE)
+async def embed_default(
+    request: Request, model: ModelName, normalize: Normalize = None, encoding_format: EncodingFormat = None
+) -> Response:
+    return await embed(request, model)
+
+
+@router.post("/v1/models/{name}/embed", summary="Embed images with a named model", **_ROUTE)
+async def embed_with(
+    request: Request, name: str, model: ModelName, normalize: Normalize = None, encoding_format: EncodingFormat = None
+) -> Response:
+    return await embed(request, model)
+
+
+async def embed(request: Request, model: str) -> Response:
+    async def work(engine: Engine, images: list[bytes], options: EmbedOptions) -> Embeddings:
+        return await engine.embed(images, model=model, normalize=options.normalize)
+
+    return await answer(request, EmbedOptions, work, embeddings_body)
+
+
+def embeddings_body(result: Embeddings, options: EmbedOptions) -> dict[str, Any]:
+    vectors = result.vectors
+    encoded: Any = vectors
+    if options.encoding_format == "base64":
+        little_endian = vectors.astype("<f4", copy=False)
+        encoded = [base64.b64encode(row.tobytes()).decode("ascii") for row in little_endian]
+    return {
+        "model": result.model,
+        "dim": int(vectors.shape[1]),
+        "normalized": result.normalized,
+        "encoding_format": options.encoding_format,
+        "embeddings": encoded,
+    }

@@ -1,0 +1,73 @@
+"""`POST /v1/explain` and `POST /v1/models/{name}/explain`: top-k classes and attention-rollout maps."""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from starlette.responses import Response
+
+from app.engine.facade import DEFAULT_TOP_K, Engine, Explanations
+from app.http.classify import scores
+from app.http.dependencies import ModelName
+from app.http.image_endpoint import answer
+from app.http.schemas import ERROR_RESPONSES, ExplainJSON, ExplainOptions, ExplainResponse, image_body_doc
+
+router = APIRouter(tags=["explain"])
+
+# Declared for the API docs; `answer` reads them with the body's options (the body wins).
+TopK = Annotated[int | None, Query(ge=1, description=f"Classes per image, best first (default {DEFAULT_TOP_K}).")]
+Overlay = Annotated[
+    bool | None,
+    Query(
+        description="Add a PNG of the map over the image the model saw (default false); with one image and "
+        "Accept: image/png, the answer is that PNG."
+    ),
+]
+
+_ROUTE: dict[str, Any] = {
+    "response_model": ExplainResponse,
+    "responses": {**ERROR_RESPONSES, 200: {"content": {"image/png": {}}}},
+    "openapi_extra": image_body_doc(ExplainJSON),
+}
+
+
+@router.post("/v1/explain", summary="Explain the default model's classification of images", **_ROUTE)
+async def explain_default(request: Request, model: ModelName, top_k: TopK = None, overlay: Overlay = None) -> Response:
+    return await explain(request, model)
+
+
+@router.post("/v1/models/{name}/explain", summary="Explain a named model's classification of images", **_ROUTE)
+async def explain_with(
+    request: Request, name: str, model: ModelName, top_k: TopK = None, overlay: Overlay = None
+) -> Response:
+    return await explain(request, model)
+
+
+async def explain(request: Request, model: str) -> Response:
+    async def work(engine: Engine, images: list[bytes], options: ExplainOptions) -> Explanations:
+        return await engine.explain(images, model=model, top_k=options.top_k, overlay=options.overlay)
+
+    wants_png = "image/png" in request.headers.get("accept", "")
+
+    def body(result: Explanations, options: ExplainOptions) -> dict[str, Any] | Response:
+        if wants_png and options.overlay and len(result.explanations) == 1:
+            return Response(result.explanations[0].overlay_png, media_type="image/png")
+        return explanations_body(result)
+
+    return await answer(request, ExplainOptions, work, body)
+
+
+def explanations_body(result: Explanations) -> dict[str, Any]:
+    explanations = []
+    for explanation in result.explanations:
+        entry: dict[str, Any] = {
+            "top_k": scores(explanation.prediction.top_k),
+            "grid": list(explanation.attention.shape),
+            "attention": explanation.attention,
+        }
+        if explanation.overlay_png is not None:
+            entry["overlay"] = "data:image/png;base64," + base64.b64encode(explanation.overlay_png).decode("ascii")
+        explanations.append(entry)
+    return {"model": result.model, "explanations": explanations}

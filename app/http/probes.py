@@ -1,0 +1,28 @@
+"""Kubernetes probes. Live: the process and its event loop answer. Ready: every model loaded, warmed, its batcher
+alive, and the service not shutting down. Live is not ready (infinity #609: /health said 200 while all hung)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from app.engine.facade import Engine
+from app.http.responses import JSONResponse
+from app.http.schemas import Liveness, Readiness
+
+router = APIRouter(tags=["probes"])
+
+
+@router.get("/healthz", response_model=Liveness, summary="Liveness")
+async def healthz() -> Response:
+    return JSONResponse({"status": "alive"})
+
+
+@router.get("/readyz", response_model=Readiness, responses={503: {"description": "Not ready"}}, summary="Readiness")
+async def readyz(request: Request) -> Response:
+    engine: Engine = request.app.state.engine
+    models = {m.name: m.ready for m in engine.models}
+    if engine.ready:
+        return JSONResponse({"ready": True, "models": models})
+    body = {"error": "not ready", "code": "not_ready", "ready": False, "models": models}
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})

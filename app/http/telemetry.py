@@ -1,0 +1,86 @@
+"""Per-request telemetry: the request id, one access-log line, and the request metrics.
+
+Routes add what they know (model, images, timings) to `request.state`; this middleware reads it when the
+response has gone out. The log line never carries request bodies.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.observability.metrics import Metrics
+
+log = logging.getLogger("app.access")
+
+REQUEST_ID_HEADER = "x-request-id"
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+# Polled by machines every few seconds: their lines go to DEBUG, not INFO.
+QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+
+
+class TelemetryMiddleware:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = _request_id(scope)
+        state: dict[str, Any] = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        status = 500  # what the client gets if the app raises before answering
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
+        self.metrics.inflight.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self.metrics.inflight.dec()
+            elapsed = time.perf_counter() - started
+            self._record(scope, state, status, elapsed)
+
+    def _record(self, scope: Scope, state: dict[str, Any], status: int, elapsed: float) -> None:
+        route = scope.get("route")
+        endpoint = getattr(route, "path", None) or "unmatched"  # the template, never the raw path
+        model = state.get("model", "")
+        self.metrics.requests.labels(model, endpoint, str(status)).inc()
+        self.metrics.request_duration.labels(model, endpoint).observe(elapsed)
+        fields: dict[str, Any] = {
+            "request_id": state["request_id"],
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": status,
+            "total_ms": round(elapsed * 1000, 3),
+        }
+        if model:
+            fields["model"] = model
+        fields.update(state.get("log_fields", {}))
+        level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO
+        log.log(level, "%s %s %d", scope["method"], scope["path"], status, extra={"fields": fields})
+
+
+def _request_id(scope: Scope) -> str:
+    """The client's X-Request-ID when it is a sane token, else a new one."""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            text: str = value.decode("latin-1")
+            if _VALID_REQUEST_ID.fullmatch(text):
+                return text
+            break
+    return uuid.uuid4().hex

@@ -1,0 +1,19 @@
+"""Where a request's time went, for its log line and its Server-Timing header."""
+
+from __future__ import annotations
+
+from app.engine.facade import Timings
+
+
+def timing_fields(timings: Timings) -> dict[str, float]:
+    return {
+        "preprocess_ms": round(timings.preprocess_s * 1000, 3),
+        "queue_wait_ms": round(timings.queue_wait_s * 1000, 3),
+        "inference_ms": round(timings.inference_s * 1000, 3),
+    }
+
+
+def server_timing(timings: Timings) -> str:
+    """The Server-Timing header (durations in ms), which browser dev tools and `curl -i` show."""
+    parts = (("preprocess", timings.preprocess_s), ("queue", timings.queue_wait_s), ("inference", timings.inference_s))
+    return ", ".join(f"{name};dur={seconds * 1000:.3f}" for name, seconds in parts)

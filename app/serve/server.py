@@ -1,0 +1,120 @@
+"""The HTTP server process: uvicorn around the app, with a shutdown that is graceful and bounded.
+
+First SIGTERM (or SIGINT): readiness turns 503 and new requests are refused with 503 at once, the listening socket
+closes, every request already accepted is answered, the batchers stop, and the process exits 0. A second signal, or a
+drain still running after `drain_timeout_s`, ends the process at once with status 1 (uvicorn alone would wait for a
+stuck client for ever, or exit by re-raising the signal: status -15 even after a clean drain).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable, Generator
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+from app.config.settings import Settings
+from app.engine.facade import Engine
+
+log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+EXIT_FORCED = 1
+
+
+class Server(uvicorn.Server):
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        *,
+        engine: Engine,
+        drain_timeout_s: float,
+        on_started: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self.drain_timeout_s = drain_timeout_s
+        self.on_started = on_started
+        self._watchdog: threading.Timer | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's start-up (the lifespan warms the engine up, then the sockets open), then `on_started`."""
+        await super().startup(sockets)
+        if self.started and self.on_started is not None:
+            self.on_started()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        """uvicorn's hook for signal handling, replaced: ours drains, bounds the drain, and does not re-raise."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        name = signal.Signals(sig).name
+        if self.should_exit:
+            _exit_now(f"second {name} during the drain: exiting now, requests still in flight are dropped")
+        log.info(
+            "%s: draining (up to %g s): not ready, refusing new requests, finishing accepted ones",
+            name,
+            self.drain_timeout_s,
+            extra={"fields": {"signal": name, "drain_timeout_s": self.drain_timeout_s}},
+        )
+        self.engine.begin_shutdown()
+        self.should_exit = True
+        self._watchdog = threading.Timer(
+            self.drain_timeout_s,
+            _exit_now,
+            args=(f"drain did not finish within drain_timeout_s={self.drain_timeout_s:g}: exiting now",),
+        )
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+
+def serve(
+    settings: Settings,
+    *,
+    sockets: list[socket.socket] | None = None,
+    on_started: Callable[[], None] | None = None,
+    metrics_dir: Path | None = None,
+    before_serving: Callable[[], None] | None = None,
+) -> None:
+    """Load the models and serve them until SIGTERM/SIGINT, then drain: one server process (or one of `workers`,
+    on `sockets` bound by the supervisor, with its metrics in the shared `metrics_dir`, taking connections only once
+    `before_serving` returns). Raises `ModelLoadError`."""
+    from app.http.app import create_app
+
+    engine = Engine.load(settings)
+    config = uvicorn.Config(
+        create_app(settings, engine, metrics_dir=metrics_dir, before_serving=before_serving),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # configured by the caller: one format for every logger
+        access_log=False,  # the telemetry middleware writes one richer line per request
+        timeout_graceful_shutdown=None,  # the server's own watchdog bounds the whole drain
+        server_header=False,
+    )
+    server = Server(config, engine=engine, drain_timeout_s=settings.drain_timeout_s, on_started=on_started)
+    server.run(sockets)
+
+
+def _exit_now(reason: str) -> None:
+    log.error(reason)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(EXIT_FORCED)
