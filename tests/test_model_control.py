@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 from app.config.settings import Settings
 from app.engine.facade import Engine
 from tests.conftest import serve_in_process
-from tests.fakes import tiny_vit, write_model_folder
+from tests.fakes import tiny_vit, wait_until, write_model_folder
 from tests.photos import photo_jpegs
 from tests.processes import tiny_server_process
 
@@ -117,10 +117,11 @@ async def test_a_reload_swaps_the_model_and_loses_no_request(repository: Path) -
                 answers.append(await classify(client, "first"))
 
         senders = [asyncio.create_task(keep_classifying()) for _ in range(4)]
-        await asyncio.sleep(0.2)
+        await wait_until(lambda: len(answers) >= 8)  # the stream is flowing before the reload
         old = engine.model("first")
         reloaded = await client.post("/v1/models/first/load", headers=AUTH)
-        await asyncio.sleep(0.2)
+        answered_at_reload = len(answers)
+        await wait_until(lambda: len(answers) >= answered_at_reload + 8)  # and goes on after it
         stop.set()
         async with asyncio.timeout(30):
             await asyncio.gather(*senders)

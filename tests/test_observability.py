@@ -6,7 +6,6 @@ import asyncio
 import base64
 import logging
 import re
-import time
 
 import httpx
 import orjson
@@ -153,7 +152,7 @@ async def test_one_access_log_line_per_request_with_timings_and_no_image_bytes(
     assert "request_id=log-me" in TextFormatter().format(classify)
 
 
-async def test_probes_answer_quickly_while_the_model_is_saturated_mid_forward(serve: ClientFactory) -> None:
+async def test_probes_answer_while_the_model_is_held_mid_forward(serve: ClientFactory) -> None:
     """The event loop never waits for the model: probes are served while a full batch is stuck in its forward
     and the queue is full of waiting images."""
     model = FakeViT()
@@ -166,17 +165,14 @@ async def test_probes_answer_quickly_while_the_model_is_saturated_mid_forward(se
         assert model.batch_sizes == [8]  # the largest batch is mid-forward
         served = served_model_of(client)
         await wait_until(lambda: served.batcher.queued == 8)
-        latencies = []
         for _ in range(50):
             for path in ("/healthz", "/readyz"):
-                started = time.perf_counter()
                 response = await client.get(path)
-                latencies.append(time.perf_counter() - started)
                 assert response.status_code == 200  # saturated is not unready
+        # All 100 probes were answered while the model was still held mid-forward: they never wait for it.
+        assert not model.gate.is_set() and model.batch_sizes == [8]
         model.release()
         statuses = [r.status_code for r in await asyncio.gather(*load)]
-    latencies.sort()
-    assert latencies[int(len(latencies) * 0.99) - 1] < 0.050
     assert statuses.count(200) == 16 and statuses.count(503) == 24  # 8 computing + 8 queued; the rest shed
 
 
