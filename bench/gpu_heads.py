@@ -17,8 +17,8 @@ import torch
 from torchvision.models import vit_b_16
 
 from app.runtime.runner import GraphedForward
-from app.sources import attention
-from app.sources.embedding import with_embedding
+from app.sources.attention import rollout
+from app.sources.torchvision_models import TorchvisionSource
 
 
 def seconds_per_call(fn: Callable[[torch.Tensor], object], x: torch.Tensor, n: int = 50) -> float:
@@ -36,8 +36,9 @@ def main() -> None:
     torch.manual_seed(0)
     device = torch.device("cuda")
     model = vit_b_16(weights=None).eval().requires_grad_(False).to(device, torch.float16)
-    served = with_embedding(model, 224)
-    assert served is not None
+    source = TorchvisionSource()
+    served, read_attention = source.split_head(model, 224), source.attention(model)
+    assert served is not None and read_attention is not None
     print(torch.cuda.get_device_name(device), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     with torch.inference_mode():
         for batch in (1, 64):
@@ -55,8 +56,8 @@ def main() -> None:
             x = torch.randn(batch, 3, 224, 224, device=device, dtype=torch.float16)
 
             def explain(x: torch.Tensor) -> torch.Tensor:
-                found = attention.attentions(model, x)
-                return attention.rollout(found.layers, found.prefix_tokens, found.grid).cpu()
+                found = read_attention(x)
+                return rollout(found.layers, found.prefix_tokens, found.grid).cpu()
 
             explained = seconds_per_call(explain, x, 20)
             plain = seconds_per_call(lambda x: model(x).float().cpu(), x, 20)

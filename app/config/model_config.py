@@ -11,7 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, V
 from app.config.settings import BatchingConfig
 from app.errors import ModelLoadError, describe_validation_error
 
-TORCHVISION_ARCHS = ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14")
 CONFIG_FILE = "model.toml"
 
 
@@ -44,15 +43,17 @@ class BatchingOverrides(_Strict):
     max_batch_size: PositiveInt | None = None
     max_queue_delay_ms: Annotated[float, Field(ge=0)] | None = None
     max_queue_size: PositiveInt | None = None
+    max_queue_bytes: PositiveInt | None = None
 
 
 class ModelConfig(_Strict):
-    """One model folder's `model.toml`, plus where it was found."""
+    """One model folder's `model.toml`, plus where it was found. What `arch`, `weights`, `[arch_params]` and
+    `[preprocess]` may hold is up to the model source `arch` names (`app.sources.registry`), which checks them."""
 
     name: str
     folder: Path
     arch: str
-    weights: str
+    weights: str | None = None
     labels: str | None = None
     num_classes: PositiveInt | None = None
     arch_params: ArchParams | None = None
@@ -62,6 +63,10 @@ class ModelConfig(_Strict):
     def batching_config(self, defaults: BatchingConfig) -> BatchingConfig:
         overrides = self.batching.model_dump(exclude_none=True)
         return defaults.model_copy(update=overrides)
+
+    @property
+    def file(self) -> Path:
+        return self.folder / CONFIG_FILE
 
     def resolve(self, relative: str) -> Path:
         """A path from the config, relative to the model's folder."""
@@ -82,13 +87,10 @@ def load_model_config(repository: Path, name: str, *, weights_override: str | No
         raise ModelLoadError(f"model {name!r}: cannot read {path}: {exc}") from exc
     if weights_override is not None:
         raw["weights"] = _weights_from_command_line(weights_override)
-    if raw.get("arch") == "hf":
-        raw.setdefault("weights", ".")  # the Hugging Face files in the model folder itself
     try:
         config = ModelConfig(name=name, folder=folder.resolve(), **raw)
     except ValidationError as exc:
         raise ModelLoadError(f"model {name!r}: {path}: {describe_validation_error(exc)}") from exc
-    _check_arch(config, path)
     return config
 
 
@@ -102,24 +104,3 @@ def _weights_from_command_line(value: str) -> str:
     """A weights file given on the command line is relative to the working directory, not the model folder."""
     path = Path(value)
     return str(path.resolve()) if path.suffix and path.exists() else value
-
-
-def _check_arch(config: ModelConfig, path: Path) -> None:
-    where = f"model {config.name!r}: {path}:"
-    if config.arch == "vit":
-        if config.arch_params is None:
-            raise ModelLoadError(f'{where} arch = "vit" needs an [arch_params] table')
-    elif config.arch in TORCHVISION_ARCHS:
-        if config.arch_params is not None:
-            raise ModelLoadError(f'{where} [arch_params] is only for arch = "vit"; {config.arch} has fixed parameters')
-    elif config.arch == "hf" or (config.arch.startswith("timm:") and config.arch != "timm:"):
-        if config.arch_params is not None or config.preprocess != PreprocessConfig():
-            raise ModelLoadError(
-                f"{where} {config.arch} models bring their own architecture and preprocessing; "
-                "remove [arch_params] and [preprocess]"
-            )
-    else:
-        raise ModelLoadError(
-            f"{where} unknown arch {config.arch!r}; "
-            f'use one of {", ".join(TORCHVISION_ARCHS)}, "vit", "hf" or "timm:<timm model name>"'
-        )

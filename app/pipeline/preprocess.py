@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torchvision import transforms
 from torchvision.transforms import InterpolationMode
-from torchvision.transforms._presets import ImageClassification
+from torchvision.transforms import functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,24 +49,41 @@ class PreprocessParams:
         }
 
 
-def build_preprocessor(params: PreprocessParams) -> ImageClassification:
-    """The exact transform torchvision's weights ship: resize, center crop, to float in [0, 1], normalize."""
-    return ImageClassification(
-        crop_size=params.crop_size,
-        resize_size=params.resize_size,
-        mean=params.mean,
-        std=params.std,
-        interpolation=InterpolationMode(params.interpolation),
+def build_preprocessor(params: PreprocessParams) -> transforms.Compose:
+    """The transform torchvision's weights ship (`weights.transforms()`), from its public parts, step for step:
+    resize, center crop, to float in [0, 1], normalize. Takes a PIL image, a (3, h, w) or an (n, 3, h, w) uint8 tensor.
+
+    The v1 transforms, not v2: v2 resizes uint8 tensors with its own kernel and scales by multiplying by 1/255, so its
+    results differ from the preset's in the last bits; these call the very functions the preset calls.
+    """
+    return transforms.Compose(
+        [
+            transforms.Resize(
+                params.resize_size, interpolation=InterpolationMode(params.interpolation), antialias=True
+            ),
+            transforms.CenterCrop(params.crop_size),
+            _as_tensor,
+            transforms.ConvertImageDtype(torch.float),
+            transforms.Normalize(params.mean, params.std),
+        ]
     )
 
 
-def preset_params(preset: Callable[..., Any]) -> dict[str, Any]:
-    """The keyword arguments of a torchvision weights' `transforms` partial, as `PreprocessParams` fields."""
-    keywords = dict(getattr(preset, "keywords", {}))
-    if isinstance(keywords.get("interpolation"), InterpolationMode):
-        keywords["interpolation"] = keywords["interpolation"].value
-    defaults = PreprocessParams(crop_size=224, resize_size=256).as_dict()
-    return {**defaults, **keywords}
+def _as_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
+    """A PIL image as a (3, h, w) uint8 tensor; a tensor as it is."""
+    return image if isinstance(image, torch.Tensor) else F.pil_to_tensor(image)
+
+
+def preset_params(weights_transforms: Callable[[], Any]) -> dict[str, Any]:
+    """The parameters of a torchvision weights' preset (`weights.transforms`), as `PreprocessParams` fields."""
+    preset = weights_transforms()
+    return {
+        "crop_size": int(preset.crop_size[0]),
+        "resize_size": int(preset.resize_size[0]),
+        "mean": tuple(preset.mean),
+        "std": tuple(preset.std),
+        "interpolation": InterpolationMode(preset.interpolation).value,
+    }
 
 
 def preprocess(image: Image.Image, preprocessor: Preprocessor) -> torch.Tensor:

@@ -23,9 +23,22 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 from app.pipeline.overlay import INFERNO, model_view, overlay_png
 from app.pipeline.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from app.sources.attention import attentions, rollout, supports_attention
-from app.sources.hf_models import LogitsOf
-from tests.fakes import steered_vit
+from app.sources.attention import Attentions, rollout
+from app.sources.base import ModelSource
+from app.sources.hf_models import HuggingFaceSource, LogitsOf
+from app.sources.timm_models import TimmSource
+from app.sources.torchvision_models import TorchvisionSource
+from tests.support.fakes import steered_vit
+
+TORCHVISION, HUGGING_FACE, TIMM = TorchvisionSource(), HuggingFaceSource(), TimmSource()
+
+
+def attentions(source: ModelSource, module: nn.Module, pixels: torch.Tensor) -> Attentions:
+    """One forward through the attention reader `source` gives for `module`."""
+    reader = source.attention(module)
+    assert reader is not None, f"{type(source).__name__} cannot read the attention of a {type(module).__name__}"
+    return reader(pixels)
+
 
 # ---------------------------------------------------------------------------------------------------- rollout maths
 
@@ -97,7 +110,7 @@ def test_rollout_rejects_what_it_cannot_roll_out(
 @pytest.mark.parametrize("spike", [(1, 3), (2, 0)])
 def test_attention_to_one_patch_puts_the_map_on_that_patch(spike: tuple[int, int]) -> None:
     vit = steered_vit(spike)
-    found = attentions(vit, torch.randn(2, 3, 32, 32))
+    found = attentions(TORCHVISION, vit, torch.randn(2, 3, 32, 32))
     assert found.grid == (4, 4) and found.prefix_tokens == 1
     target = 1 + spike[0] * 4 + spike[1]
     for weights in found.layers:
@@ -109,7 +122,7 @@ def test_attention_to_one_patch_puts_the_map_on_that_patch(spike: tuple[int, int
 
 
 def test_uniform_attention_gives_a_uniform_map() -> None:
-    found = attentions(steered_vit(None), torch.randn(2, 3, 32, 32))
+    found = attentions(TORCHVISION, steered_vit(None), torch.randn(2, 3, 32, 32))
     for weights in found.layers:
         torch.testing.assert_close(weights, torch.full((2, 2, 17, 17), 1 / 17))
     torch.testing.assert_close(rollout(found.layers, 1, found.grid), torch.full((2, 4, 4), 1 / 16))
@@ -140,6 +153,7 @@ def timm_vit(name: str = "vit_tiny_patch16_224", **kwargs: Any) -> nn.Module:
 
 @dataclass(frozen=True)
 class Source:
+    library: ModelSource
     build: Callable[[], nn.Module]
     size: tuple[int, int]  # (h, w) of the input
     layers: int
@@ -149,16 +163,18 @@ class Source:
 
 
 SOURCES = {
-    "torchvision": Source(lambda: VisionTransformer(32, 8, 3, 2, 32, 64, num_classes=10), (32, 32), 3, 2, 1, (4, 4)),
-    "hf": Source(hf_vit, (32, 32), 2, 2, 1, (4, 4)),
-    "hf-eager": Source(lambda: hf_vit("eager"), (32, 32), 2, 2, 1, (4, 4)),
-    "timm": Source(timm_vit, (32, 32), 2, 2, 1, (4, 4)),
-    "timm-registers": Source(
-        lambda: timm_vit(reg_tokens=3, no_embed_class=True, qk_norm=True, num_heads=4), (32, 32), 2, 4, 4, (4, 4)
+    "torchvision": Source(
+        TORCHVISION, lambda: VisionTransformer(32, 8, 3, 2, 32, 64, num_classes=10), (32, 32), 3, 2, 1, (4, 4)
     ),
-    "timm-distilled": Source(lambda: timm_vit("deit_tiny_distilled_patch16_224"), (32, 32), 2, 2, 2, (4, 4)),
-    "timm-res-post": Source(lambda: timm_vit(block_fn=ResPostBlock), (32, 32), 2, 2, 1, (4, 4)),
-    "timm-dynamic-size": Source(lambda: timm_vit(dynamic_img_size=True), (40, 24), 2, 2, 1, (5, 3)),
+    "hf": Source(HUGGING_FACE, hf_vit, (32, 32), 2, 2, 1, (4, 4)),
+    "hf-eager": Source(HUGGING_FACE, lambda: hf_vit("eager"), (32, 32), 2, 2, 1, (4, 4)),
+    "timm": Source(TIMM, timm_vit, (32, 32), 2, 2, 1, (4, 4)),
+    "timm-registers": Source(
+        TIMM, lambda: timm_vit(reg_tokens=3, no_embed_class=True, qk_norm=True, num_heads=4), (32, 32), 2, 4, 4, (4, 4)
+    ),
+    "timm-distilled": Source(TIMM, lambda: timm_vit("deit_tiny_distilled_patch16_224"), (32, 32), 2, 2, 2, (4, 4)),
+    "timm-res-post": Source(TIMM, lambda: timm_vit(block_fn=ResPostBlock), (32, 32), 2, 2, 1, (4, 4)),
+    "timm-dynamic-size": Source(TIMM, lambda: timm_vit(dynamic_img_size=True), (40, 24), 2, 2, 1, (5, 3)),
 }
 
 
@@ -231,11 +247,12 @@ def test_attentions_are_the_models_own_forward(name: str) -> None:
     source = SOURCES[name]
     torch.manual_seed(0)
     module = randomized(source.build())
-    assert supports_attention(module)
+    reader = source.library.attention(module)
+    assert reader is not None
     pixels = torch.randn(3, 3, *source.size)
     settings, state = settings_of(module), state_of(module)
 
-    found = attentions(module, pixels)
+    found = reader(pixels)
 
     assert settings_of(module) == settings
     assert_same_state(state, state_of(module))
@@ -264,7 +281,7 @@ def test_hf_weights_are_the_libraries_own() -> None:
     pixels = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
         reference = module.model(pixel_values=pixels, output_attentions=True).attentions
-    found = attentions(module, pixels)
+    found = attentions(HUGGING_FACE, module, pixels)
     assert len(reference) == len(found.layers)
     for ours, theirs in zip(found.layers, reference, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
@@ -275,7 +292,7 @@ def test_timm_weights_are_the_libraries_own(kwargs: dict[str, Any]) -> None:
     torch.manual_seed(0)
     module = randomized(timm_vit(**kwargs))
     pixels = torch.randn(2, 3, 32, 32)
-    found = attentions(module, pixels)
+    found = attentions(TIMM, module, pixels)
     unfused, reference = copy.deepcopy(module), []  # timm's own softmax is only visible on its unfused path
     for block in unfused.blocks:
         block.attn.fused_attn = False
@@ -293,7 +310,7 @@ def test_half_precision_models_give_float32(name: str) -> None:
     torch.manual_seed(0)
     module = randomized(source.build()).to(torch.bfloat16)
     pixels = torch.randn(2, 3, *source.size)
-    found = attentions(module, pixels)
+    found = attentions(source.library, module, pixels)
     with torch.inference_mode():
         expected = module(pixels.to(torch.bfloat16)).float()
     assert found.logits.dtype == torch.float32 and all(w.dtype == torch.float32 for w in found.layers)
@@ -319,14 +336,12 @@ class ReplacedForward(VisionTransformer):
 )
 def test_unsupported_modules_are_refused(build: Callable[[], nn.Module]) -> None:
     module = build().eval()
-    assert not supports_attention(module)
-    with pytest.raises(ValueError, match="cannot explain"):
-        attentions(module, torch.randn(1, 3, 32, 32))
+    assert all(source.attention(module) is None for source in (TORCHVISION, HUGGING_FACE, TIMM))
 
 
 def test_pixels_must_be_a_batch() -> None:
     with pytest.raises(ValueError, match="n, 3, h, w"):
-        attentions(timm_vit(), torch.randn(3, 32, 32))
+        attentions(TIMM, timm_vit(), torch.randn(3, 32, 32))
 
 
 # --------------------------------------------------------------------------------------- model view and PNG overlay

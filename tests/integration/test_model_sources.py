@@ -19,7 +19,7 @@ from skimage import data as skdata
 from app.config.settings import Settings
 from app.engine.facade import Engine
 from app.errors import ModelLoadError
-from tests.conftest import serve_in_process
+from tests.support.inprocess import serve_in_process
 
 LABELS = ["ant", "bee", "cat", "dog", "eel"]
 

@@ -17,9 +17,9 @@ from app.config.settings import Settings
 from app.engine.facade import Engine
 from app.errors import ModelLoadError
 from app.pipeline.preprocess import PreprocessParams, build_preprocessor
-from app.sources.loading import load_model
-from tests.conftest import serve_in_process
-from tests.fakes import tiny_vit, write_model_folder
+from app.sources.registry import load_model
+from tests.support.fakes import tiny_vit, write_model_folder
+from tests.support.inprocess import serve_in_process
 
 CPU = torch.device("cpu")
 
@@ -90,7 +90,12 @@ def test_model_info_describes_what_is_served(tmp_path: Path) -> None:
     assert info.num_params == sum(p.numel() for p in model.parameters())
     assert info.weights == str((tmp_path / "tiny" / "weights.pth").resolve())
     assert (info.device, info.dtype) == ("cpu", "fp32")
-    assert info.batching == {"max_batch_size": 3, "max_queue_delay_ms": 5.0, "max_queue_size": 256}
+    assert info.batching == {
+        "max_batch_size": 3,
+        "max_queue_delay_ms": 5.0,
+        "max_queue_size": 256,
+        "max_queue_bytes": 64 * 2**20,
+    }
     assert info.preprocess["resize_size"] == 40 and info.preprocess["crop_size"] == 32
 
 
@@ -214,7 +219,7 @@ def test_repository_configs_of_the_torchvision_family_are_valid() -> None:
     """The shipped models/ folders parse, and name weights torchvision knows, with their presets."""
     from torchvision.models import get_model_weights
 
-    repository = Path(__file__).parent.parent / "models"
+    repository = Path(__file__).resolve().parents[2] / "models"
     names = sorted(p.name for p in repository.iterdir() if (p / "model.toml").exists())
     assert names == ["vit_b_16", "vit_b_32", "vit_h_14", "vit_l_16", "vit_l_32"]
     for name in names:
