@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.pipeline.decode import decode
+from app.pipeline.image_scan import ImageLimits
 from app.pipeline.preprocess import PreprocessParams, build_preprocessor, preprocess
 from bench.workload import MAX_BATCH, MODELS, WORKLOADS, model
 
@@ -26,7 +27,7 @@ PRESET = build_preprocessor(PreprocessParams(crop_size=224, resize_size=256))
 
 
 def prepare(data: bytes) -> torch.Tensor:
-    return preprocess(decode(data, max_pixels=40_000_000), PRESET)
+    return preprocess(decode(data, limits=ImageLimits(max_pixels=40_000_000)), PRESET)
 
 
 def forward_top5(module: torch.nn.Module, batch: torch.Tensor) -> list[list[int]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from app.pipeline.decode import decode
+from app.pipeline.image_scan import ImageLimits
 from app.pipeline.preprocess import PreprocessParams, build_preprocessor
 from app.runtime.lanes import Lane, LaneSpec
 from app.runtime.runner import Forward
@@ -14,7 +15,7 @@ PRESET = build_preprocessor(PreprocessParams(crop_size=224, resize_size=256))
 
 def preset_pixels(data: bytes) -> torch.Tensor:
     """The CPU path: PIL decode and the preset, (3, 224, 224) float32."""
-    return PRESET(decode(data, max_pixels=10**9))
+    return PRESET(decode(data, limits=ImageLimits(max_pixels=10**9)))
 
 
 def preset_lane(

@@ -14,15 +14,18 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image, ImageFile, ImageOps
 from torchvision.models import ViT_B_16_Weights
 
 from app.config.settings import Settings
 from app.errors import BadRequest, InvalidImage, PayloadTooLarge, ServeError, UnsupportedMediaType
 from app.pipeline.decode import decode
+from app.pipeline.image_scan import ImageLimits
 from app.pipeline.preprocess import PreprocessParams, build_preprocessor, preset_params
 
 MAX_PIXELS = 1_000_000
+LIMITS = ImageLimits(max_pixels=MAX_PIXELS)
+LARGE = ImageLimits(max_pixels=10**8)
 DEFAULT_MAX_PIXELS: int = Settings.model_fields["max_image_pixels"].default
 WIDTH, HEIGHT = 48, 40  # non-square, so a swapped width and height shows
 
@@ -117,7 +120,7 @@ def test_every_accepted_format_decodes_to_rgb(fmt: str, options: dict[str, Any],
     source = four_colour_image()
     data = encode(source, fmt, **options)
 
-    image = decode(data, max_pixels=MAX_PIXELS)
+    image = decode(data, limits=LIMITS)
 
     assert image.mode == "RGB"
     assert image.size == (WIDTH, HEIGHT)
@@ -132,7 +135,7 @@ def test_every_accepted_format_decodes_to_rgb(fmt: str, options: dict[str, Any],
 def test_lossy_webp_decodes_to_rgb() -> None:
     data = encode(gradient_image(), "WEBP", quality=90)
 
-    image = decode(data, max_pixels=MAX_PIXELS)
+    image = decode(data, limits=LIMITS)
 
     assert (image.mode, image.size) == ("RGB", (WIDTH, HEIGHT))
     assert np.array_equal(as_array(image), reference(data))
@@ -206,7 +209,7 @@ def test_every_mode_comes_back_rgb_as_pil_converts_it(
     data = encode(build(), fmt, **options)
     assert opened_mode(data) == stored_mode  # the case really exercises that mode
 
-    image = decode(data, max_pixels=MAX_PIXELS)
+    image = decode(data, limits=LIMITS)
 
     assert image.mode == "RGB"
     assert image.size == (WIDTH, HEIGHT)
@@ -217,7 +220,7 @@ def test_transparent_pixels_keep_their_colour_not_black() -> None:
     """RGBA -> RGB drops alpha; it does not premultiply (what torchvision's preset would be given anyway)."""
     data = encode(Image.new("RGBA", (4, 4), (200, 100, 50, 0)), "PNG")
 
-    assert decode(data, max_pixels=MAX_PIXELS).getpixel((0, 0)) == (200, 100, 50)
+    assert decode(data, limits=LIMITS).getpixel((0, 0)) == (200, 100, 50)
 
 
 def test_palette_png_with_per_entry_alpha_decodes_without_warning() -> None:
@@ -232,7 +235,7 @@ def test_palette_png_with_per_entry_alpha_decodes_without_warning() -> None:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        image = decode(data, max_pixels=MAX_PIXELS)
+        image = decode(data, limits=LIMITS)
 
     assert (image.mode, image.size) == ("RGB", (WIDTH, HEIGHT))
     assert np.array_equal(as_array(image), expected)
@@ -259,7 +262,7 @@ def test_exif_orientation_6_rotates_a_jpeg_upright() -> None:
         assert raw.size == (WIDTH, HEIGHT)
         stored = np.asarray(raw.convert("RGB"))
 
-    image = decode(data, max_pixels=MAX_PIXELS)
+    image = decode(data, limits=LIMITS)
 
     assert image.mode == "RGB"
     assert image.size == (HEIGHT, WIDTH)  # swapped
@@ -271,7 +274,7 @@ def test_exif_orientation_6_rotates_a_jpeg_upright() -> None:
 def test_every_exif_orientation_is_applied(orientation: int) -> None:
     data = jpeg_with_orientation(orientation)
 
-    image = decode(data, max_pixels=MAX_PIXELS)
+    image = decode(data, limits=LIMITS)
 
     assert image.size == ((HEIGHT, WIDTH) if orientation >= 5 else (WIDTH, HEIGHT))
     assert np.array_equal(as_array(image), reference(data))
@@ -289,7 +292,7 @@ def test_an_animation_decodes_to_its_first_frame(fmt: str, options: dict[str, An
     with Image.open(io.BytesIO(data)) as opened:
         assert getattr(opened, "n_frames", 1) == len(FRAME_COLOURS)
 
-    image = decode(data, max_pixels=MAX_PIXELS)
+    image = decode(data, limits=LIMITS)
 
     assert (image.mode, image.size) == ("RGB", (WIDTH, HEIGHT))
     assert image.getcolors() == [(WIDTH * HEIGHT, FRAME_COLOURS[0])]
@@ -300,7 +303,7 @@ def test_an_animation_decodes_to_its_first_frame(fmt: str, options: dict[str, An
 
 def test_empty_bytes_are_a_bad_request() -> None:
     with pytest.raises(BadRequest) as raised:
-        decode(b"", max_pixels=MAX_PIXELS)
+        decode(b"", limits=LIMITS)
 
     assert type(raised.value) is BadRequest
     assert raised.value.code == "empty_image"
@@ -327,7 +330,7 @@ NOT_IMAGES: dict[str, bytes] = {
 @pytest.mark.parametrize("data", list(NOT_IMAGES.values()), ids=list(NOT_IMAGES))
 def test_what_is_not_an_image_is_unsupported(data: bytes) -> None:
     with pytest.raises(UnsupportedMediaType) as raised:
-        decode(data, max_pixels=MAX_PIXELS)
+        decode(data, limits=LIMITS)
 
     assert raised.value.code == "unsupported_image_format"
     assert raised.value.status == 415
@@ -339,7 +342,7 @@ def test_an_image_format_pil_reads_but_the_service_does_not_accept_is_unsupporte
     assert reference(data).shape == (32, 32, 3)  # PIL itself would open it
 
     with pytest.raises(UnsupportedMediaType) as raised:
-        decode(data, max_pixels=MAX_PIXELS)
+        decode(data, limits=LIMITS)
 
     assert raised.value.code == "unsupported_image_format"
 
@@ -348,10 +351,10 @@ def test_an_image_format_pil_reads_but_the_service_does_not_accept_is_unsupporte
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_a_truncated_image_is_invalid(fmt: str, fraction: float, chelsea_jpeg: bytes) -> None:
     whole = chelsea_jpeg if fmt == "JPEG" else encode(photo("chelsea"), "PNG")
-    assert decode(whole, max_pixels=MAX_PIXELS).size == (451, 300)
+    assert decode(whole, limits=LIMITS).size == (451, 300)
 
     with pytest.raises(InvalidImage) as raised:
-        decode(whole[: int(len(whole) * fraction)], max_pixels=MAX_PIXELS)
+        decode(whole[: int(len(whole) * fraction)], limits=LIMITS)
 
     assert raised.value.code == "invalid_image"
     assert raised.value.status == 400
@@ -375,7 +378,7 @@ def test_a_jpeg_with_corrupt_entropy_coded_data_is_invalid_or_decodes(seed: int,
         corrupt[offset] ^= int(rng.integers(1, 256))
 
     try:
-        image = decode(bytes(corrupt), max_pixels=MAX_PIXELS)
+        image = decode(bytes(corrupt), limits=LIMITS)
     except InvalidImage as exc:
         assert exc.code == "invalid_image"
     else:
@@ -391,7 +394,7 @@ def test_a_png_with_corrupt_pixel_data_is_invalid_or_decodes(seed: int) -> None:
         data[offset] ^= int(rng.integers(1, 256))
 
     try:
-        image = decode(bytes(data), max_pixels=MAX_PIXELS)
+        image = decode(bytes(data), limits=LIMITS)
     except InvalidImage as exc:
         assert exc.code == "invalid_image"
     else:
@@ -406,7 +409,7 @@ def test_no_decoder_exception_escapes_as_anything_but_a_client_error(chelsea_jpe
     for whole in (small_png, small_jpeg):
         for cut in range(1, len(whole)):
             try:
-                decode(whole[:cut], max_pixels=MAX_PIXELS)
+                decode(whole[:cut], limits=LIMITS)
             except ServeError as exc:
                 assert 400 <= exc.status < 500
                 outcomes.add(exc.code)
@@ -423,7 +426,7 @@ def test_an_image_over_max_pixels_is_too_large() -> None:
     data = encode(Image.new("RGB", (101, 100)), "PNG")
 
     with pytest.raises(PayloadTooLarge) as raised:
-        decode(data, max_pixels=10_000)
+        decode(data, limits=ImageLimits(max_pixels=10_000))
 
     assert raised.value.code == "image_too_large"
     assert raised.value.status == 413
@@ -432,7 +435,7 @@ def test_an_image_over_max_pixels_is_too_large() -> None:
 def test_an_image_of_exactly_max_pixels_is_accepted() -> None:
     data = encode(Image.new("RGB", (100, 100), (1, 2, 3)), "PNG")
 
-    assert decode(data, max_pixels=10_000).size == (100, 100)
+    assert decode(data, limits=ImageLimits(max_pixels=10_000)).size == (100, 100)
 
 
 @pytest.mark.parametrize("max_pixels", [10_000, MAX_PIXELS, DEFAULT_MAX_PIXELS])
@@ -444,7 +447,7 @@ def test_a_huge_declared_size_is_refused_from_the_header_alone(max_pixels: int, 
     assert len(data) < 300
 
     with pytest.raises(PayloadTooLarge) as raised:
-        decode(data, max_pixels=max_pixels)
+        decode(data, limits=ImageLimits(max_pixels=max_pixels))
 
     assert raised.value.code == "image_too_large"
 
@@ -455,12 +458,12 @@ def test_the_size_check_comes_before_the_pixels_are_read() -> None:
     assert DEFAULT_MAX_PIXELS == 40_000_000
 
     with pytest.raises(PayloadTooLarge) as raised:
-        decode(png_header_only(10_000, 5_000), max_pixels=DEFAULT_MAX_PIXELS)
+        decode(png_header_only(10_000, 5_000), limits=ImageLimits(max_pixels=DEFAULT_MAX_PIXELS))
     assert raised.value.code == "image_too_large"
     assert "10000x5000" in raised.value.message
 
     with pytest.raises(InvalidImage):  # the same file, small enough: it is opened, and its pixel data is short
-        decode(png_header_only(300, 200), max_pixels=DEFAULT_MAX_PIXELS)
+        decode(png_header_only(300, 200), limits=ImageLimits(max_pixels=DEFAULT_MAX_PIXELS))
 
 
 # --- preprocessing --------------------------------------------------------------------------------------------
@@ -468,12 +471,12 @@ def test_the_size_check_comes_before_the_pixels_are_read() -> None:
 TINY = PreprocessParams(crop_size=32, resize_size=36)
 
 
-@pytest.mark.parametrize("size", [(1, 1), (1, 10_000), (10_000, 1), (3, 2)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("size", [(1, 1), (1, 64), (64, 1), (3, 2)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_extreme_shapes_decode_and_preprocess_to_the_crop(size: tuple[int, int]) -> None:
     colour = (10, 200, 30)
     data = encode(Image.new("RGB", size, colour), "PNG")
 
-    image = decode(data, max_pixels=MAX_PIXELS)
+    image = decode(data, limits=LIMITS, resize_side=TINY.resize_size)
     tensor = build_preprocessor(TINY)(image)
 
     assert image.size == size
@@ -482,6 +485,25 @@ def test_extreme_shapes_decode_and_preprocess_to_the_crop(size: tuple[int, int])
     mean, std = torch.tensor(TINY.mean), torch.tensor(TINY.std)
     expected = ((torch.tensor(colour, dtype=torch.float32) / 255 - mean) / std)[:, None, None].expand(3, 32, 32)
     assert torch.allclose(tensor, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(1, 10_000), (10_000, 1)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_shapes_past_the_aspect_ratio_or_that_the_resize_would_blow_up_are_refused_before_decoding(
+    size: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = encode(Image.new("RGB", size), "PNG")
+    loads: list[object] = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self))
+
+    with pytest.raises(PayloadTooLarge) as aspect:
+        decode(data, limits=LIMITS, resize_side=TINY.resize_size)
+    lenient = ImageLimits(max_pixels=MAX_PIXELS, max_aspect_ratio=1e6)
+    with pytest.raises(PayloadTooLarge) as resized:  # 36 x 360,000 pixels once resized
+        decode(data, limits=lenient, resize_side=TINY.resize_size)
+
+    assert (aspect.value.code, resized.value.code) == ("image_aspect_ratio", "image_output_too_large")
+    assert "12960000 pixels" in resized.value.message
+    assert not loads
 
 
 def test_the_v1_preset_is_the_default_params() -> None:
@@ -511,7 +533,7 @@ def test_preprocessing_equals_torchvision_preset_exactly(weights: ViT_B_16_Weigh
     if weights is ViT_B_16_Weights.IMAGENET1K_V1:
         assert params == PreprocessParams(crop_size=224, resize_size=256)
 
-    tensor = build_preprocessor(params)(decode(data, max_pixels=MAX_PIXELS))
+    tensor = build_preprocessor(params)(decode(data, limits=LIMITS))
 
     assert tensor.shape == expected.shape == (3, crop, crop)
     assert tensor.dtype == expected.dtype == torch.float32
@@ -524,19 +546,20 @@ def test_jpeg_draft_decodes_a_large_photo_at_a_reduced_scale_but_never_below_the
     on the resize size (512x512 -> 256x256)."""
     preset = build_preprocessor(PreprocessParams(crop_size=224, resize_size=256))
     photo = _jpeg(Image.fromarray(skimage.data.chelsea()).resize((1920, 1280), Image.Resampling.BILINEAR))
-    drafted = decode(photo, max_pixels=10**8, draft_size=256)
+    drafted = decode(photo, limits=LARGE, draft_size=256)
     assert drafted.size == (480, 320) and drafted.mode == "RGB"  # 1/4 scale; 1/8 would be 240x160, below 256
-    exact = preset(decode(photo, max_pixels=10**8))
+    exact = preset(decode(photo, limits=LARGE))
     assert (preset(drafted) - exact).abs().mean().item() < 0.02  # measured 0.0099 (normalised units)
     small = _jpeg(Image.fromarray(skimage.data.chelsea()))  # 451x300: no reduction keeps both sides >= 256
     assert np.array_equal(
-        np.asarray(decode(small, max_pixels=10**8, draft_size=256)), np.asarray(decode(small, max_pixels=10**8))
+        np.asarray(decode(small, limits=LARGE, draft_size=256)),
+        np.asarray(decode(small, limits=LARGE)),
     )
     png = io.BytesIO()
     Image.fromarray(skimage.data.coffee()).save(png, format="PNG")
-    assert decode(png.getvalue(), max_pixels=10**8, draft_size=64).size == (600, 400)  # only JPEGs have a draft mode
+    assert decode(png.getvalue(), limits=LARGE, draft_size=64).size == (600, 400)  # only JPEGs have a draft mode
     with pytest.raises(PayloadTooLarge):  # the pixel limit counts the full size, not the draft's
-        decode(photo, max_pixels=1920 * 1280 - 1, draft_size=256)
+        decode(photo, limits=ImageLimits(max_pixels=1920 * 1280 - 1), draft_size=256)
 
 
 def _jpeg(image: Image.Image) -> bytes:

@@ -11,6 +11,7 @@ from PIL import Image
 
 from app.errors import ServeError
 from app.pipeline.decode import ACCEPTED_FORMATS, decode
+from app.pipeline.image_scan import ImageLimits
 
 MAX_PIXELS = 1_000_000
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -29,7 +30,7 @@ SAVES = {  # which modes each format can write
 def outcome(data: bytes) -> tuple[int, int] | int:
     """The decoded size, or the 4xx status; any other exception fails the property."""
     try:
-        image = decode(data, max_pixels=MAX_PIXELS)
+        image = decode(data, limits=ImageLimits(max_pixels=MAX_PIXELS))
     except ServeError as exc:
         assert 400 <= exc.status < 500, exc
         assert exc.message and "Traceback" not in exc.message
@@ -75,9 +76,12 @@ def test_bytes_behind_a_real_magic_number_are_a_picture_or_a_4xx(tail: bytes, ma
 
 @FAST
 @given(images())
-def test_every_valid_image_decodes_to_rgb_at_its_size(case: tuple[bytes, tuple[int, int]]) -> None:
+def test_every_valid_image_decodes_to_rgb_at_its_size_or_is_refused_by_shape(
+    case: tuple[bytes, tuple[int, int]],
+) -> None:
     data, size = case
-    assert outcome(data) == size
+    within_aspect_ratio = max(size) <= ImageLimits().max_aspect_ratio * min(size)
+    assert outcome(data) == (size if within_aspect_ratio else 413)
 
 
 @FAST
