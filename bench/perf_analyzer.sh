@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run NVIDIA's perf_analyzer (the Open Inference Protocol load tool) against a running vit-serve:
-# random FP32 tensors through MODEL_pixels, then real JPEGs through MODEL's IMAGE input, at several concurrencies.
+# FP32 tensors of zeros through MODEL_pixels, then real JPEGs through MODEL's IMAGE input, at several concurrencies.
 #
 #   bench/perf_analyzer.sh [HOST:PORT] [MODEL] [CONCURRENCY_RANGE]     (defaults: 127.0.0.1:8000 vit_b_16 1:16:3)
 #
@@ -27,7 +27,9 @@ trap 'rm -rf "$work"' EXIT
 
 # shellcheck disable=SC2206  # PA_ARGS is a list of options
 common=(-u "$url" -i http --concurrency-range "$range" --measurement-interval "${PA_INTERVAL_MS:-3000}" ${PA_ARGS:-})
-echo "== perf_analyzer: $model""_pixels, random FP32 [N, 3, H, W] tensors"
-"$pa" -m "${model}_pixels" "${common[@]}"
+# Zeros, not perf_analyzer's random data: that is random bytes, NaN and infinity among them, which the server refuses
+# (400 invalid_tensor); a forward costs the same whatever the values.
+echo "== perf_analyzer: $model""_pixels, FP32 [N, 3, H, W] tensors of zeros"
+"$pa" -m "${model}_pixels" --input-data zero "${common[@]}"
 echo "== perf_analyzer: $model, real JPEGs as IMAGE (BYTES, binary)"
 "$pa" -m "$model" --input-data "$work/jpeg.json" "${common[@]}"

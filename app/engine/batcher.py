@@ -2,8 +2,11 @@
 GPU, so that one batch's copies and decode overlap another's forward).
 
 Requests are admitted first (`admit`), which reserves room for their images so that a full service says 503 at
-once instead of growing a backlog; then each image is its own queue item with its own future. The consumer opens
-a window at the first item and sends a batch when it is full or `max_queue_delay_ms` after that item arrived.
+once instead of growing a backlog. Room is counted twice: in images (`max_queue_size`), and in the encoded bytes
+still being decoded (`max_queue_bytes`), since a large image's decode costs many times a small one's, and a backlog
+of them would otherwise be admitted only to time out. Then each image is its own queue item with its own future. The
+consumer opens a window at the first item and sends a batch when it is full or `max_queue_delay_ms` after that item
+arrived.
 Every future is resolved exactly once: cancelled items are skipped, expired ones get `DeadlineExceeded`, a failed
 forward fails every request of its batch (an exception returned in an image's place fails that image alone), and
 `stop` fails whatever is left.
@@ -94,6 +97,7 @@ class Batcher(Generic[In, Out]):
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # batches in flight
         self._reserved = 0  # images admitted and not yet taken by the consumer
+        self._decoding_bytes = 0  # encoded bytes of admitted requests not yet decoded (submitted)
         self._collecting: list[_Item[In, Out]] = []  # taken off the queue for the next batch
         self._in_flight: list[list[_Item[In, Out]]] = []  # batches sent to `run_batch`, not yet resolved
         self._idle = asyncio.Event()
@@ -135,17 +139,30 @@ class Batcher(Generic[In, Out]):
         self._task.add_done_callback(self._on_consumer_done)
         self._accepting = True
 
-    def admit(self, count: int) -> Admission[In, Out]:
-        """Reserve room for `count` images, or refuse at once with 503."""
+    @property
+    def decoding_bytes(self) -> int:
+        """Encoded bytes admitted and still being decoded."""
+        return self._decoding_bytes
+
+    def admit(self, count: int, *, encoded_bytes: int = 0) -> Admission[In, Out]:
+        """Reserve room for `count` images of `encoded_bytes` to decode, or refuse at once with 503. A request alone
+        is always let in by its bytes (the body limit bounds it), so no request is too large for an idle model."""
         if not self.alive:
             raise NotReady(f"model {self._name!r} is not accepting requests")
         if self._reserved + count > self._config.max_queue_size:
             raise QueueFull(
                 f"model {self._name!r} is at capacity ({self._config.max_queue_size} images queued); retry later"
             )
+        limit = self._config.max_queue_bytes
+        if self._decoding_bytes and self._decoding_bytes + encoded_bytes > limit:
+            raise QueueFull(
+                f"model {self._name!r} is at capacity ({self._decoding_bytes / 2**20:.1f} MiB of images being decoded, "
+                f"the limit is {limit / 2**20:g} MiB); retry later"
+            )
         self._reserved += count
+        self._decoding_bytes += encoded_bytes
         self._idle.clear()
-        return Admission(self, count)
+        return Admission(self, count, encoded_bytes)
 
     async def stop(self, timeout_s: float) -> None:
         """Stop accepting, let queued work finish for up to `timeout_s`, then fail what is left."""
@@ -171,15 +188,23 @@ class Batcher(Generic[In, Out]):
     def _enqueue(self, payload: In, deadline: float) -> asyncio.Future[Completed[Out]]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Completed[Out]] = loop.create_future()
+        future.add_done_callback(self._given_up)
         self._queue.put_nowait(_Item(payload, future, deadline, loop.time()))
         return future
+
+    def _given_up(self, future: asyncio.Future[Completed[Out]]) -> None:
+        if future.cancelled():  # its request timed out or went away: maybe the last one a batch in flight served
+            self._update_idle()
 
     def _release(self, count: int) -> None:
         self._reserved -= count
         self._update_idle()
 
     def _update_idle(self) -> None:
-        if self._reserved == 0 and not self._collecting and not self._in_flight:
+        """Idle: nothing admitted or collecting, and no request waiting for a batch in flight (a batch whose requests
+        all gave up, by timeout or disconnect, still computes, but the drain need not wait for it)."""
+        waited_for = any(not item.future.done() for batch in self._in_flight for item in batch)
+        if self._reserved == 0 and not self._collecting and not waited_for:
             self._idle.set()
 
     async def _consume(self) -> None:
@@ -191,8 +216,9 @@ class Batcher(Generic[In, Out]):
             except BaseException:
                 self._slots.release()
                 raise
-            if not batch:
+            if not batch:  # every item taken had given up: that may have been the last thing a drain waited for
                 self._slots.release()
+                self._update_idle()
                 continue
             self._in_flight.append(batch)
             self._collecting = []
@@ -309,19 +335,26 @@ class Batcher(Generic[In, Out]):
 
 
 class Admission(Generic[In, Out]):
-    """Room reserved for one request's images; `submit` queues them, leaving the block releases what was unused."""
+    """Room reserved for one request's images; `submit` queues them (their decode is over: its bytes are released),
+    leaving the block releases what was unused."""
 
-    def __init__(self, batcher: Batcher[In, Out], count: int) -> None:
+    def __init__(self, batcher: Batcher[In, Out], count: int, encoded_bytes: int = 0) -> None:
         self._batcher = batcher
         self._unused = count
+        self._decoding_bytes = encoded_bytes
 
     def submit(self, payloads: Sequence[In], deadline: float) -> list[asyncio.Future[Completed[Out]]]:
         if len(payloads) > self._unused:
             raise ValueError(f"admitted {self._unused} images, submitting {len(payloads)}")
+        self._decoded()
         if not self._batcher._consuming:  # a stop lets admitted requests in; a dead consumer does not
             raise NotReady("model is not accepting requests")
         self._unused -= len(payloads)
         return [self._batcher._enqueue(p, deadline) for p in payloads]
+
+    def _decoded(self) -> None:
+        self._batcher._decoding_bytes -= self._decoding_bytes
+        self._decoding_bytes = 0
 
     def __enter__(self) -> Admission[In, Out]:
         return self
@@ -329,6 +362,7 @@ class Admission(Generic[In, Out]):
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self._decoded()
         if self._unused:
             self._batcher._release(self._unused)
             self._unused = 0

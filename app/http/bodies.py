@@ -21,11 +21,14 @@ from app.errors import (
     describe_validation_error,
 )
 from app.http.multipart import read_multipart
+from app.http.off_loop import parse_off_loop
 from app.http.schemas import ImagesJSON
+from app.protocols.json_bounds import check_json_bounds
 
 RAW_TYPES = ("application/octet-stream",)
 _DATA_URI = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?)(?P<b64>;base64)?,", re.ASCII)
 _WHITESPACE = re.compile(rb"\s+")
+JSON_CONTAINERS = 64  # the object and its images array, and room for options; more is no request of this API
 
 
 Options = TypeVar("Options", bound=BaseModel)
@@ -54,7 +57,8 @@ async def read_images(request: Request, *, max_images: int, options: type[Option
         images, fields = await _read_multipart(request, max_images)
         _check_known(options, fields, "form field", code)
     elif media_type == "application/json":
-        images, fields = _read_json(await request.body(), max_images)
+        body = await request.body()
+        images, fields = await parse_off_loop(len(body), _read_json, body, max_images)
         _check_known(options, fields, "JSON key", "invalid_body")
         code = "invalid_body"
     else:
@@ -93,6 +97,9 @@ async def _read_multipart(request: Request, max_images: int) -> tuple[list[bytes
 
 def _read_json(body: bytes, max_images: int) -> tuple[list[bytes], dict[str, Any]]:
     """`{"images": [base64 or data: URI, ...], <options>}`."""
+    counts = check_json_bounds(body, max_containers=JSON_CONTAINERS, max_values=2**62)
+    if counts.values > max_images + JSON_CONTAINERS:  # before anything is parsed: many images are many values
+        raise _too_many_images(max_images, f"more than {max_images}")
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -102,11 +109,13 @@ def _read_json(body: bytes, max_images: int) -> tuple[list[bytes], dict[str, Any
     except ValidationError as exc:
         raise InvalidParameter(f"invalid JSON body: {describe_validation_error(exc)}", code="invalid_body") from None
     if len(payload.images) > max_images:  # before any base64 is decoded
-        raise PayloadTooLarge(
-            f"{len(payload.images)} images in one request; the limit is {max_images}", code="too_many_images"
-        )
+        raise _too_many_images(max_images, str(len(payload.images)))
     images = [_decode_base64(index, text) for index, text in enumerate(payload.images)]
     return images, dict(payload.model_extra or {})
+
+
+def _too_many_images(max_images: int, count: str) -> PayloadTooLarge:
+    return PayloadTooLarge(f"{count} images in one request; the limit is {max_images}", code="too_many_images")
 
 
 def _decode_base64(index: int, text: str) -> bytes:

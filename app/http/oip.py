@@ -12,6 +12,7 @@ from app import __version__
 from app.engine.facade import Engine
 from app.errors import BadRequest
 from app.http.disconnect import until_disconnected
+from app.http.off_loop import parse_off_loop
 from app.http.responses import JSONResponse
 from app.http.schemas import ERROR_RESPONSES
 from app.http.timing import server_timing, timing_fields
@@ -92,7 +93,9 @@ INFER_DOC: dict[str, Any] = {
 
 async def infer(request: Request, model: Model) -> Response:
     engine: Engine = request.app.state.engine
-    parsed = parse_request(await request.body(), _header_length(request), model)
+    body = await request.body()
+    max_images = engine.limits.max_images_per_request
+    parsed = await parse_off_loop(len(body), parse_request, body, _header_length(request), model, max_images=max_images)
     inference, response = await until_disconnected(request, run(engine, model, parsed))
     request.state.log_fields = {"images": len(inference.outputs), **timing_fields(inference.timings)}
     headers = {"Server-Timing": server_timing(inference.timings)}

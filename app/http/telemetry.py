@@ -10,9 +10,11 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from starlette.datastructures import MutableHeaders
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.observability.metrics import Metrics
@@ -26,9 +28,10 @@ QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "
 
 
 class TelemetryMiddleware:
-    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes  # the app's, to name a request answered before routing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -55,12 +58,18 @@ class TelemetryMiddleware:
             elapsed = time.perf_counter() - started
             self._record(scope, state, status, elapsed)
 
+    def _route_template(self, scope: Scope) -> str:
+        """The route's path template, never the raw path (a bounded label set). A request answered before routing (a
+        401 of the API-key middleware, say) is matched against the app's routes here, without running them."""
+        route = scope.get("route") or next((r for r in self.routes if r.matches(scope)[0] is not Match.NONE), None)
+        return getattr(route, "path", None) or "unmatched"
+
     def _record(self, scope: Scope, state: dict[str, Any], status: int, elapsed: float) -> None:
-        route = scope.get("route")
-        endpoint = getattr(route, "path", None) or "unmatched"  # the template, never the raw path
+        endpoint = self._route_template(scope)
         model = state.get("model", "")
-        self.metrics.requests.labels(model, endpoint, str(status)).inc()
-        self.metrics.request_duration.labels(model, endpoint).observe(elapsed)
+        label = self.metrics.model_label(model)
+        self.metrics.requests.labels(label, endpoint, str(status)).inc()
+        self.metrics.request_duration.labels(label, endpoint).observe(elapsed)
         fields: dict[str, Any] = {
             "request_id": state["request_id"],
             "method": scope["method"],

@@ -39,6 +39,7 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 
 REJECTION_REASONS = ("queue_full", "deadline", "cancelled", "invalid_input", "not_ready", "error")
+OTHER_MODEL = "other"  # the label of a request for a model never served: a name a client made up is no label
 
 
 class Metrics:
@@ -118,6 +119,7 @@ class Metrics:
         )
         self.sampler: WorkerSampler | None = None
         self._multiprocess = multiprocess_dir is not None
+        self._served: set[str] = set()  # every model served since the start: the model labels there can be
         for model in engine.models:
             self.model_loaded(model)
         if multiprocess_dir is None:
@@ -143,6 +145,7 @@ class Metrics:
     def model_loaded(self, model: ServedModel) -> None:
         """Every series of a model exists from its start, at zero; its gauges read it (one process)."""
         name = model.name
+        self._served.add(name)
         for family in (self.images, self.queue_wait, self.preprocess, self.inference, self.batch_size):
             family.labels(name)
         for reason in REJECTION_REASONS:
@@ -170,7 +173,11 @@ class Metrics:
             self.images.labels(model).inc(record.size)
 
     def request_rejected(self, model: str, error: ServeError) -> None:
-        self.rejected.labels(model, rejection_reason(error)).inc()
+        self.rejected.labels(self.model_label(model), rejection_reason(error)).inc()
+
+    def model_label(self, model: str) -> str:
+        """`model` if it has been served, "" for none named, else `OTHER_MODEL`: labels stay a bounded set."""
+        return model if not model or model in self._served else OTHER_MODEL
 
 
 def rejection_reason(error: ServeError) -> str:

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Generator
 from pathlib import Path
 from types import FrameType
@@ -22,11 +23,14 @@ import uvicorn
 
 from app.config.settings import Settings
 from app.engine.facade import Engine
+from app.errors import ModelLoadError
+from app.serve.connections import ConnectionLimits, protocol_class
 
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 EXIT_FORCED = 1
+EXIT_GRACE_S = 1.0  # after the drain, for idle threads to end by themselves
 
 
 class Server(uvicorn.Server):
@@ -45,10 +49,18 @@ class Server(uvicorn.Server):
         self._watchdog: threading.Timer | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        """uvicorn's start-up (the lifespan warms the engine up, then the sockets open), then `on_started`."""
+        """uvicorn's start-up (the lifespan starts the warm-up, then the sockets open), then `on_started`."""
         await super().startup(sockets)
         if self.started and self.on_started is not None:
             self.on_started()
+
+    async def on_tick(self, counter: int) -> bool:
+        """uvicorn's tick (ten a second), which also ends the server when the warm-up failed: it would never be
+        ready, and a process that exits is restarted where one that stays up unready is not."""
+        if self.engine.failure is not None and not self.should_exit:
+            log.error("exiting: %s", self.engine.failure)
+            self.should_exit = True
+        return await super().on_tick(counter)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -108,13 +120,36 @@ def serve(
         access_log=False,  # the telemetry middleware writes one richer line per request
         timeout_graceful_shutdown=None,  # the server's own watchdog bounds the whole drain
         server_header=False,
+        http=protocol_class(ConnectionLimits.from_settings(settings)),  # timeouts, header limits, connection cap
     )
     server = Server(config, engine=engine, drain_timeout_s=settings.drain_timeout_s, on_started=on_started)
     server.run(sockets)
+    if engine.failure is not None:
+        raise ModelLoadError(engine.failure)
+    _exit_without_abandoned_work()
+
+
+def _exit_without_abandoned_work() -> None:
+    """Once drained, exit now. A thread still busy then holds work that nobody waits for (a CPU forward of a batch
+    whose requests all timed out, a decode past its deadline), and the interpreter would join it before exiting: tens
+    of seconds, with nothing logged. Idle pool threads are given a moment to end by themselves."""
+    others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
+    deadline = time.monotonic() + EXIT_GRACE_S
+    for thread in others:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    busy = [thread.name for thread in others if thread.is_alive()]
+    if busy:
+        log.info("exiting now, dropping the work still running in %s: no request waits for it", ", ".join(busy))
+        _flush_logs()
+        os._exit(0)
 
 
 def _exit_now(reason: str) -> None:
     log.error(reason)
+    _flush_logs()
+    os._exit(EXIT_FORCED)
+
+
+def _flush_logs() -> None:
     for handler in logging.getLogger().handlers:
         handler.flush()
-    os._exit(EXIT_FORCED)

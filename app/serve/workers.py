@@ -13,7 +13,8 @@ threads, and the same graceful drain on SIGTERM.
   `MAX_RESTART_BACKOFF_S`); the others go on serving meanwhile.
 - SIGTERM or SIGINT: every worker gets SIGTERM and drains; the supervisor waits for them (at most `drain_timeout_s`
   and a margin, then SIGKILL) and exits 0 if every worker did, else 1. A second signal is passed on too: each worker
-  then ends at once.
+  then ends at once. The port is closed at the first signal, so a new connection is refused rather than queued for
+  no worker. A signal from the moment `supervise` is called, before any worker started, is a clean stop (status 0).
 - Metrics: prometheus-client's multiprocess mode, in a temporary folder that the supervisor creates before the first
   worker (PROMETHEUS_MULTIPROC_DIR) and removes at the end; a dead worker's live gauges are dropped from it.
 """
@@ -47,6 +48,7 @@ RESTART_BACKOFF_S = 1.0
 MAX_RESTART_BACKOFF_S = 30.0
 DRAIN_MARGIN_S = 5.0
 EXIT_FAILED = 1
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 _spawn = multiprocessing.get_context("spawn")
@@ -141,6 +143,8 @@ class Supervisor:
 
     def run(self) -> int:
         """Start the workers, keep them running until a signal, and return the exit status."""
+        if self.signals:  # before any worker started
+            return self._stop(0)
         self.workers = [self.start_worker(index) for index in range(self.settings.workers)]
         if not self._wait_until_ready():  # a signal during the start is no failure; a worker that failed is
             return self._stop(0 if self.signals else EXIT_FAILED)
@@ -202,6 +206,9 @@ class Supervisor:
         """SIGTERM to every worker (once), wait for the drains (bounded), SIGKILL what is left; the exit status."""
         self.signals = max(self.signals, 1)
         self.go.set()  # none waits at the barrier
+        # No worker takes a connection from now on: closed here and in each worker as its drain begins, the port
+        # refuses new connections instead of queueing them for nobody (to be reset at the exit).
+        self.sock.close()
         for worker in self.workers:
             worker.terminate()
         deadline = time.monotonic() + self.settings.drain_timeout_s + DRAIN_MARGIN_S
@@ -219,18 +226,41 @@ class Supervisor:
         return status
 
 
+def _bind(settings: Settings) -> socket:
+    """The listening socket, bound as uvicorn binds it, without uvicorn's "Uvicorn running on" line: logged now, it
+    came minutes before any worker was warm. Connections wait in the backlog until every worker is."""
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.disabled = True
+    try:
+        sock = uvicorn.Config("app", host=settings.host, port=settings.port).bind_socket()
+    finally:
+        uvicorn_log.disabled = False
+    log.info(
+        "listening on %s:%d; connections wait until all %d workers are warm (each logs its warm-up)",
+        settings.host,
+        settings.port,
+        settings.workers,
+    )
+    return sock
+
+
 def supervise(settings: Settings) -> int:
     """Serve with `settings.workers` processes on one port until SIGTERM/SIGINT; the exit status."""
-    multiprocessing.allow_connection_pickling()  # the socket goes to each worker
-    sock = uvicorn.Config("app", host=settings.host, port=settings.port).bind_socket()
-    metrics_dir = Path(tempfile.mkdtemp(prefix="vit-serve-metrics-"))
-    os.environ[METRICS_DIR_VARIABLE] = str(metrics_dir)  # inherited by the workers, read as prometheus loads
-    supervisor = Supervisor(settings, sock, metrics_dir)
-    previous = {sig: signal.signal(sig, supervisor.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    early: list[int] = []  # signals before the supervisor exists: a clean stop, not a death by the signal
+    previous = {sig: signal.signal(sig, lambda sig, frame: early.append(sig)) for sig in SIGNALS}
     try:
-        return supervisor.run()
+        multiprocessing.allow_connection_pickling()  # the socket goes to each worker
+        sock = _bind(settings)
+        metrics_dir = Path(tempfile.mkdtemp(prefix="vit-serve-metrics-"))
+        os.environ[METRICS_DIR_VARIABLE] = str(metrics_dir)  # inherited by the workers, read as prometheus loads
+        supervisor = Supervisor(settings, sock, metrics_dir, signals=len(early))
+        for sig in SIGNALS:
+            signal.signal(sig, supervisor.on_signal)
+        try:
+            return supervisor.run()
+        finally:
+            sock.close()
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        sock.close()
-        shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -15,10 +15,10 @@ import tritonclient.http as triton
 from PIL import Image
 from skimage import data as skdata
 
-from tests.processes import tiny_server_process
+from tests.support.processes import tiny_server_process
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def photographs() -> list[bytes]:
@@ -82,9 +82,9 @@ def perf_analyzer(server: str, model: str, *extra: str) -> str:
 
 
 @pytest.mark.timeout(600)
-def test_perf_analyzer_runs_clean_with_random_tensors_and_real_jpegs(server: str) -> None:
+def test_perf_analyzer_runs_clean_with_fp32_tensors_and_real_jpegs(server: str) -> None:
     output = perf_analyzer(server, "tiny")
-    for model in ("tiny_pixels, random FP32", "tiny, real JPEGs"):
+    for model in ("tiny_pixels, FP32", "tiny, real JPEGs"):
         assert model in output
     assert output.count("Concurrency: 1, throughput:") == 2 and output.count("Concurrency: 4, throughput:") == 2
     assert "error" not in output.lower()

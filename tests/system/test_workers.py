@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,9 +17,9 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from app.config.settings import Settings
 from app.observability.worker_metrics import CUDA_MEMORY, WorkerSampler
-from tests.fakes import fake_served_model
-from tests.photos import jpeg, photo
-from tests.processes import access_lines, free_port, start_tiny, stop, tiny_server
+from tests.support.fakes import fake_served_model
+from tests.support.photos import jpeg, photo
+from tests.support.processes import access_lines, free_port, start_tiny, stop, tiny_server
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")  # processes started by the tests
 
@@ -71,6 +72,7 @@ def distance(a: dict[int, float], b: dict[int, float]) -> float:
     return max(abs(a[index] - b.get(index, 0.0)) for index in a)
 
 
+@pytest.mark.slow
 def test_workers_share_the_port_answer_each_request_and_their_metrics_add_up(tmp_path: Path) -> None:
     images = [jpeg(photo("chelsea")), jpeg(photo("coffee"))] * 20
     with tiny_server(tmp_path, "--workers", "2") as (url, server):
@@ -106,6 +108,7 @@ def test_workers_share_the_port_answer_each_request_and_their_metrics_add_up(tmp
     assert "all workers stopped; exiting with status 0" in output
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_replaced_while_the_other_serves_and_its_gauges_leave(tmp_path: Path) -> None:
     data = jpeg(photo("chelsea"))
     with tiny_server(tmp_path, "--workers", "2") as (url, server):
@@ -127,6 +130,7 @@ def test_a_killed_worker_is_replaced_while_the_other_serves_and_its_gauges_leave
         assert value(scrape(url), 'vit_model_ready{model="tiny"}') == 1.0
 
 
+@pytest.mark.slow
 def test_a_worker_that_cannot_start_stops_the_supervisor_with_status_1(tmp_path: Path) -> None:
     (tmp_path / "tiny").mkdir()  # a model folder without weights or config
     server = start_tiny(tmp_path, free_port(), "--workers", "2")
@@ -136,6 +140,7 @@ def test_a_worker_that_cannot_start_stops_the_supervisor_with_status_1(tmp_path:
     assert "all workers stopped; exiting with status 1" in output
 
 
+@pytest.mark.slow
 def test_workers_drain_by_themselves_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     with tiny_server(tmp_path, "--workers", "2") as (url, server):
         both_ready(url)
@@ -201,13 +206,38 @@ def test_a_workers_sampler_writes_what_one_process_reads_at_scrape_time(monkeypa
     assert (read("process_cpu_seconds_total") or 0) > 0
 
 
+@pytest.mark.slow
 def test_sigterm_while_the_workers_start_stops_them_all_and_exits_0(tmp_path: Path) -> None:
-    from tests.processes import write_tiny_model
+    from tests.support.processes import write_tiny_model
 
     write_tiny_model(tmp_path)
     server = start_tiny(tmp_path, free_port(), "--workers", "2")
-    time.sleep(1.0)  # the workers are still importing torch or loading the model
+    # Once the supervisor runs (its first line), before any worker is ready: they are still importing torch or loading
+    # the model. (A signal before the interpreter has even imported the supervisor ends it as the signal says.)
+    deadline = time.monotonic() + 60
+    while "worker 0 started" not in server.output() and time.monotonic() < deadline:
+        time.sleep(0.01)
     server.process.send_signal(signal.SIGTERM)
     output = server.wait(timeout_s=60)
     assert server.process.returncode == 0, output
     assert "all workers stopped; exiting with status 0" in output
+
+
+def test_a_signal_before_the_supervisor_starts_a_worker_is_a_clean_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM while the supervisor binds the port (before its own handler, before any worker): status 0, no worker,
+    and the handlers it found are back."""
+    from app.serve import workers
+
+    mkdtemp = tempfile.mkdtemp
+
+    def signalled_mkdtemp(prefix: str) -> str:
+        signal.raise_signal(signal.SIGTERM)  # handled at once, in this thread: unhandled, it would end pytest
+        return mkdtemp(prefix=prefix)
+
+    monkeypatch.setattr(workers.tempfile, "mkdtemp", signalled_mkdtemp)
+    started: list[int] = []
+    monkeypatch.setattr(workers.Supervisor, "start_worker", lambda self, index, failures=0: started.append(index))
+    before = signal.getsignal(signal.SIGTERM)
+    assert workers.supervise(Settings(workers=2, port=free_port(), host="127.0.0.1")) == 0
+    assert started == []
+    assert signal.getsignal(signal.SIGTERM) is before

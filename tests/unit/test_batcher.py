@@ -10,7 +10,7 @@ import pytest
 from app.config.settings import BatchingConfig
 from app.engine.batcher import Batcher, BatchRecord, Completed
 from app.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
-from tests.fakes import wait_until
+from tests.support.waiting import wait_until
 
 FAR = 3600.0  # a deadline nobody reaches
 
@@ -251,6 +251,33 @@ async def test_stop_drains_queued_work_before_returning() -> None:
     await stopping
     assert (await first).value == 0
     assert [f.result().value for f in queued] == [10, 20, 30]
+
+
+async def test_stop_does_not_wait_for_a_batch_whose_requests_all_gave_up() -> None:
+    recorder = Recorder()
+    batcher = make(recorder)
+    await batcher.start()
+    first = await hold_first_batch(batcher, recorder)
+    first.cancel()  # its request timed out: the forward goes on, nobody waits for it
+    async with asyncio.timeout(10):  # not the drain's 600 s: the held forward is not waited for
+        await batcher.stop(600)
+    recorder.gate.set()
+
+
+async def test_stop_returns_once_every_queued_request_gave_up() -> None:
+    """Items whose requests gave up while queued are dropped by the consumer; the drain ends with the last of them."""
+    recorder = Recorder()
+    batcher = make(recorder, max_batch_size=2)
+    await batcher.start()
+    first = await hold_first_batch(batcher, recorder)
+    queued = submit(batcher, [1, 2, 3])
+    for future in [first, *queued]:
+        future.cancel()
+    stopping = asyncio.create_task(batcher.stop(600))
+    recorder.gate.set()
+    async with asyncio.timeout(10):
+        await stopping
+    assert recorder.batches == [[0]]
 
 
 async def test_stop_after_its_timeout_fails_everything_still_pending() -> None:

@@ -1,19 +1,27 @@
-"""An OIP inference request: parse it (JSON and binary tensors), run it through the engine, build the response."""
+"""An OIP inference request: parse it (JSON and binary tensors), run it through the engine, build the response.
+
+`parse_request` does all the work that grows with the body (JSON, the tensor data, BYTES and base64), and none that
+grows past the limits: the declared shape is checked against `max_images` and the model's input before any element
+is read. It is plain and synchronous, so the HTTP layer can run it on a thread."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from app.engine.facade import Engine, Inference
-from app.errors import BadRequest, InvalidParameter, describe_validation_error
+from app.errors import BadRequest, InvalidParameter, PayloadTooLarge, describe_validation_error
+from app.protocols.json_bounds import check_json_bounds
 from app.protocols.oip import tensors
 from app.protocols.oip.models import EMBEDDING_OUTPUT, LOGITS_OUTPUT, VERSION, OipModel
+
+MAX_TENSORS = 16  # inputs or outputs named in one request: far more than any model here has
 
 
 class _Lenient(BaseModel):
@@ -22,7 +30,7 @@ class _Lenient(BaseModel):
 
 class RequestInput(_Lenient):
     name: str
-    shape: list[int]
+    shape: list[StrictInt] = Field(max_length=8)
     datatype: str
     parameters: dict[str, Any] = Field(default_factory=dict)
     data: Any = None
@@ -36,14 +44,14 @@ class RequestOutput(_Lenient):
 class InferRequestBody(_Lenient):
     id: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
-    inputs: list[RequestInput] = Field(min_length=1)
-    outputs: list[RequestOutput] | None = None
+    inputs: list[RequestInput] = Field(min_length=1, max_length=MAX_TENSORS)
+    outputs: list[RequestOutput] | None = Field(default=None, max_length=MAX_TENSORS)
 
 
 @dataclass(frozen=True, slots=True)
 class InferRequest:
     body: InferRequestBody
-    binary: dict[str, memoryview]  # input name -> its binary data, for inputs sent as binary
+    data: np.ndarray | list[bytes]  # the model's one input: FP32 pixels (n, 3, h, w), or encoded images
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,25 +64,81 @@ class InferResponse:
         return bool(self.binary)
 
 
-def parse_request(body: bytes, header_length: int | None, model: OipModel) -> InferRequest:
-    """The JSON object and the binary data after it; `header_length` 0 means the whole body is raw input data."""
+def parse_request(body: bytes, header_length: int | None, model: OipModel, *, max_images: int) -> InferRequest:
+    """The JSON object and the binary data after it, read into the model's input; `header_length` 0 means the whole
+    body is raw input data."""
     if header_length == 0:
-        return _raw_request(body, model)
+        return _raw_request(body, model, max_images)
     if header_length is not None and not 0 < header_length <= len(body):
         raise BadRequest(
             f"Inference-Header-Content-Length is {header_length} but the body has {len(body)} bytes",
             code="invalid_header_length",
         )
     end = len(body) if header_length is None else header_length
+    header = body[:end]
+    _check_json_bounds(header, model, max_images)
     try:
-        parsed = InferRequestBody.model_validate(orjson.loads(body[:end]))
+        parsed = InferRequestBody.model_validate(orjson.loads(header))
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"malformed JSON inference header: {exc}", code="invalid_json") from None
     except ValidationError as exc:
         raise InvalidParameter(
             f"invalid inference request: {describe_validation_error(exc)}", code="invalid_body"
         ) from None
-    return InferRequest(parsed, _split_binary(parsed, memoryview(body)[end:]))
+    binary = _split_binary(parsed, memoryview(body)[end:])
+    item = _the_input(parsed, model)
+    return InferRequest(parsed, _read_input(item, binary.get(item.name), model, max_images))
+
+
+def _check_json_bounds(header: bytes, model: OipModel, max_images: int) -> None:
+    """The largest request this model takes: `max_images` elements of its input, as nested JSON arrays, and a few
+    hundred more values and containers for the rest (names, parameters, outputs)."""
+    per_image = math.prod(model.input_dims)
+    arrays = level = 1  # a tensor [N, d1, ..., dk] nested row-major: 1 + N + N*d1 + ... + N*d1*...*d(k-1) arrays
+    for size in (max_images, *model.input_dims[:-1]):
+        level *= size
+        arrays += level
+    slack = 256
+    check_json_bounds(header, max_containers=arrays + slack, max_values=max_images * per_image + slack)
+
+
+def _read_input(
+    item: RequestInput, binary: memoryview | None, model: OipModel, max_images: int
+) -> np.ndarray | list[bytes]:
+    """The input's data, once its shape is known to be the model's and within `max_images`."""
+    count = _checked_batch(item, model, max_images)
+    if model.takes_pixels:
+        if binary is not None:
+            return tensors.fp32_from_binary(binary, item.shape, item.name)
+        return tensors.fp32_from_json(item.data, item.shape, item.name)
+    if binary is None:
+        return tensors.bytes_from_json(item.data, item.name, count=count)
+    images = tensors.unpack_bytes(binary, item.name, limit=count)
+    if len(images) != count:
+        more = "more than " if len(images) > count else ""
+        raise BadRequest(
+            f"input {item.name!r}: shape {item.shape} holds {count} elements, the data {more}{min(len(images), count)}",
+            code="invalid_shape",
+        )
+    return images
+
+
+def _checked_batch(item: RequestInput, model: OipModel, max_images: int) -> int:
+    """The batch size of the input's declared shape: [N, *the model's input dims], N from 1 to `max_images` (a
+    BYTES input may also be [N]). Checked before any element is read: no shape can make the read cost more."""
+    shape, dims = item.shape, model.input_dims
+    batch_shapes = ([-1, *dims],) if model.takes_pixels else ([-1], [-1, 1])
+    if not shape or min(shape) < 0 or not any(len(shape) == len(s) and shape[1:] == s[1:] for s in batch_shapes):
+        expected = f"[N, {', '.join(map(str, dims))}]" if model.takes_pixels else "[N] or [N, 1]"
+        raise BadRequest(f"input {item.name!r} must have shape {expected}, not {shape}", code="invalid_shape")
+    count = shape[0]
+    if count < 1:
+        raise BadRequest(f"input {item.name!r}: shape {shape} holds no image", code="no_image")
+    if count > max_images:
+        raise PayloadTooLarge(
+            f"input {item.name!r}: {count} images in one request; the limit is {max_images}", code="too_many_images"
+        )
+    return count
 
 
 def _split_binary(body: InferRequestBody, data: memoryview) -> dict[str, memoryview]:
@@ -98,56 +162,34 @@ def _split_binary(body: InferRequestBody, data: memoryview) -> dict[str, memoryv
     return chunks
 
 
-def _raw_request(body: bytes, model: OipModel) -> InferRequest:
+def _raw_request(body: bytes, model: OipModel, max_images: int) -> InferRequest:
     """Triton's raw binary request: no JSON, the body is the model's one input, every output comes back binary."""
     if model.takes_pixels:
-        per_image = 4 * int(np.prod(model.input_dims))
+        per_image = 4 * math.prod(model.input_dims)
         if not body or len(body) % per_image:
             raise BadRequest(
                 f"a raw FP32 body must be a multiple of {per_image} bytes (one image)", code="invalid_tensor"
             )
         shape = [len(body) // per_image, *model.input_dims]
     else:
-        count = len(tensors.unpack_bytes(body, model.input_name)) if tensors.is_packed_bytes(body) else 1
+        count = tensors.packed_count(body, limit=max_images)
+        if not count:  # one bare encoded image
+            body, count = tensors.pack_bytes([body]), 1
         shape = [count, 1]
-        if count == 1 and not tensors.is_packed_bytes(body):
-            body = tensors.pack_bytes([body])  # one bare encoded image
-    item = RequestInput(
-        name=model.input_name, shape=shape, datatype=model.input_datatype, parameters={"binary_data_size": len(body)}
-    )
+    item = RequestInput(name=model.input_name, shape=shape, datatype=model.input_datatype)
     parsed = InferRequestBody(inputs=[item], parameters={"binary_data_output": True})
-    return InferRequest(parsed, {item.name: memoryview(body)})
+    return InferRequest(parsed, _read_input(item, memoryview(body), model, max_images))
 
 
 async def run(engine: Engine, model: OipModel, request: InferRequest) -> tuple[Inference, InferResponse]:
     body = request.body
     outputs = _requested_outputs(body, model)
     timeout_s = _timeout_s(body.parameters)
-    item = _the_input(body, model)
-    binary = request.binary.get(item.name)
-    if model.takes_pixels:
-        if len(item.shape) != 4:
-            raise BadRequest(
-                f"input {item.name!r} must have shape [N, 3, H, W], not {item.shape}", code="invalid_shape"
-            )
-        array = (
-            tensors.fp32_from_binary(binary, item.shape, item.name)
-            if binary is not None
-            else tensors.fp32_from_json(item.data, item.shape, item.name)
-        )
-        inference = await engine.infer_pixels(torch.from_numpy(array), model=model.served.name, timeout_s=timeout_s)
+    if isinstance(request.data, np.ndarray):
+        pixels = torch.from_numpy(request.data)
+        inference = await engine.infer_pixels(pixels, model=model.served.name, timeout_s=timeout_s)
     else:
-        images = (
-            tensors.unpack_bytes(binary, item.name)
-            if binary is not None
-            else tensors.bytes_from_json(item.data, item.name)
-        )
-        if item.shape not in ([len(images)], [len(images), 1]):
-            raise BadRequest(
-                f"input {item.name!r}: shape {item.shape} does not match its {len(images)} elements ([N, 1])",
-                code="invalid_shape",
-            )
-        inference = await engine.infer(images, model=model.served.name, timeout_s=timeout_s)
+        inference = await engine.infer(request.data, model=model.served.name, timeout_s=timeout_s)
     return inference, _response(body, model, inference, outputs)
 
 
