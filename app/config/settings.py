@@ -34,6 +34,13 @@ MaxQueueDelayMs = Annotated[
 MaxQueueSize = Annotated[
     PositiveInt, Field(description="Images admitted but not yet computed (being decoded or waiting); past it: 503.")
 ]
+MaxQueueBytes = Annotated[
+    PositiveInt,
+    Field(
+        description="Encoded image bytes admitted and still being decoded; past it: 503 at once (a request alone is "
+        "always admitted). Sheds a backlog of large images that would otherwise time out."
+    ),
+]
 
 
 def _split_names(value: Any) -> Any:
@@ -65,6 +72,8 @@ WeightsCacheDir = Annotated[
     Path | None, Field(description="Where pretrained weights are downloaded to (default: torch hub's cache).")
 ]
 DEFAULT_MODEL = "vit_b_16"
+GPU_MAX_BATCH_SIZE = 32
+CPU_MAX_BATCH_SIZE = 8  # ViT-B/16 on 2 cores: ~2 images/s at batch 4 and at batch 32 alike
 
 
 class BatchingConfig(BaseModel):
@@ -75,6 +84,7 @@ class BatchingConfig(BaseModel):
     max_batch_size: MaxBatchSize = 32
     max_queue_delay_ms: MaxQueueDelayMs = 5.0
     max_queue_size: MaxQueueSize = 256
+    max_queue_bytes: MaxQueueBytes = 64 * 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,9 +105,14 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="VIT_", extra="ignore")
 
-    max_batch_size: MaxBatchSize = 32
+    max_batch_size: PositiveInt | None = Field(
+        None,
+        description="Largest batch sent to the model (default: 32 on a GPU; 8 on the CPU, where a larger batch is no "
+        "faster an image and only makes each request wait longer).",
+    )
     max_queue_delay_ms: MaxQueueDelayMs = 5.0
     max_queue_size: MaxQueueSize = 256
+    max_queue_bytes: MaxQueueBytes = 64 * 2**20
     host: str = Field("0.0.0.0", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
     model_repository: ModelRepository = Path("models")
@@ -146,11 +161,42 @@ class Settings(BaseSettings):
     pipeline_depth: int = Field(
         0, ge=0, description="Batches in flight per model (0: 2 on CUDA, so one copies while one computes; 1 on CPU)."
     )
-    request_timeout_s: PositiveFloat = Field(30.0, description="A request past this answers 504.")
+    request_timeout_s: PositiveFloat | None = Field(
+        None,
+        description="A request past this answers 504 (default: 30 s, or, on a device the warm-up measured slower, "
+        "the time of 4 of the model's largest batches, so that a request of a few images is not cut short on a CPU).",
+    )
     max_body_bytes: PositiveInt = Field(64 * 1024 * 1024, description="Largest request body, in bytes.")
     max_images_per_request: PositiveInt = Field(64, description="Most images in one request.")
     max_image_pixels: PositiveInt = Field(
-        40_000_000, description="Largest decoded image (width x height), checked before decoding."
+        40_000_000,
+        description="Largest image (width x height), as sent and as resized to the model's short side, checked from "
+        "the header before decoding.",
+    )
+    max_image_aspect_ratio: float = Field(
+        64.0,
+        ge=1,
+        description="Most elongated image, long side over short side; the center crop of a longer one sees a "
+        "sliver of it.",
+    )
+    max_jpeg_scans: PositiveInt = Field(
+        100,
+        description="Most scans in a JPEG, counted from its header (each scan of a progressive JPEG is a pass over "
+        "the whole picture; encoders write 1 to about 10).",
+    )
+    max_jpeg_segments: PositiveInt = Field(
+        256,
+        description="Most marker segments (metadata, tables) in a JPEG before its picture ends, scans not counted.",
+    )
+    max_image_chunks: PositiveInt = Field(
+        10_000,
+        description="Most chunks in a PNG (encoders split the pixel data into chunks of 8 KiB and more: 8,192 of "
+        "them fill the default max_body_bytes), or blocks before a GIF's first frame.",
+    )
+    max_image_metadata_bytes: PositiveInt = Field(
+        16 * 1024 * 1024,
+        description="Most metadata in one image, in bytes: a JPEG's APPn and COM segments (Exif, XMP, ICC), a PNG's "
+        "text, ICC and Exif chunks.",
     )
     workers: PositiveInt = Field(
         1,
@@ -166,6 +212,32 @@ class Settings(BaseSettings):
     )
     drain_timeout_s: PositiveFloat = Field(
         30.0, description="On SIGTERM, how long the whole drain may take; past it the process exits at once (status 1)."
+    )
+    header_timeout_s: PositiveFloat = Field(
+        60.0,
+        description="A request's line and headers must arrive within this, from the connection's start (or a "
+        "kept-alive request's first byte); else 408 and the connection is closed (nginx's client_header_timeout).",
+    )
+    body_timeout_s: PositiveFloat = Field(
+        60.0,
+        description="The longest pause between two reads of a request body; past it 408 and the connection is closed "
+        "(nginx's client_body_timeout).",
+    )
+    keep_alive_timeout_s: PositiveFloat = Field(
+        5.0,
+        description="An idle kept-alive connection is closed after this (behind a load balancer, make it longer than "
+        "the balancer's own idle timeout).",
+    )
+    max_header_bytes: PositiveInt = Field(
+        32 * 1024,
+        description="Largest request line and headers together, in bytes; past it 431 (nginx's "
+        "large_client_header_buffers 4 8k).",
+    )
+    max_header_count: PositiveInt = Field(100, description="Most request headers; past it 431.")
+    max_connections: PositiveInt = Field(
+        1024,
+        description="Open connections per worker past which a request is answered 503 too_many_connections at once "
+        "(the probes and /metrics are always served).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_format: Literal["json", "text"] = Field("json", description="Logs as one JSON object a line, or plain text.")
@@ -224,8 +296,11 @@ class Settings(BaseSettings):
             )
         return self
 
-    def batching(self) -> BatchingConfig:
-        return BatchingConfig.model_validate(self.model_dump(include=set(BatchingConfig.model_fields)))
+    def batching(self, *, on_cpu: bool = False) -> BatchingConfig:
+        """The batching knobs as set, `max_batch_size` unset taking the device's default."""
+        config = self.model_dump(include=set(BatchingConfig.model_fields), exclude_none=True)
+        config.setdefault("max_batch_size", CPU_MAX_BATCH_SIZE if on_cpu else GPU_MAX_BATCH_SIZE)
+        return BatchingConfig.model_validate(config)
 
     def acceleration(self) -> AccelerationConfig:
         """As set, but `batch_memory_fraction` is this worker's share: the workers split the device between them."""

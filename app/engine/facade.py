@@ -13,7 +13,6 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
@@ -21,9 +20,10 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import torch
 
-from app.config.model_config import list_models, load_model_config
+from app.config.model_config import list_models
 from app.config.settings import Settings
 from app.engine.batcher import Batcher, BatchRecord, Completed
+from app.engine.decode_pool import DecodePool
 from app.engine.served_model import ModelInfo, ServedModel
 from app.errors import (
     BadRequest,
@@ -38,10 +38,11 @@ from app.errors import (
     ServeError,
 )
 from app.pipeline import postprocess
+from app.pipeline.image_scan import ImageLimits
 from app.pipeline.postprocess import ImageOutput, Prediction
 from app.runtime.device import check_acceleration, resolve_device, resolve_dtype
 from app.runtime.lanes import Prepared
-from app.sources.loading import load_model
+from app.sources.registry import load_model, read_config
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +52,27 @@ Out = TypeVar("Out")
 T = TypeVar("T")
 
 
+DEFAULT_REQUEST_TIMEOUT_S = 30.0
+TIMEOUT_IN_BATCHES = 4  # unset, a request's deadline covers this many of its model's largest batches, as measured
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_images_per_request: int
-    max_image_pixels: int
-    request_timeout_s: float
+    request_timeout_s: float | None  # None: from the model's measured speed (`Engine.request_timeout_s`)
+    image: ImageLimits = field(default_factory=ImageLimits)  # what one image may cost, checked from its header
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
-        return cls(settings.max_images_per_request, settings.max_image_pixels, settings.request_timeout_s)
+        image = ImageLimits(
+            max_pixels=settings.max_image_pixels,
+            max_aspect_ratio=settings.max_image_aspect_ratio,
+            max_jpeg_scans=settings.max_jpeg_scans,
+            max_jpeg_segments=settings.max_jpeg_segments,
+            max_image_chunks=settings.max_image_chunks,
+            max_metadata_bytes=settings.max_image_metadata_bytes,
+        )
+        return cls(settings.max_images_per_request, settings.request_timeout_s, image)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,8 +136,8 @@ class EngineObserver(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class ModelSource:
-    """Where models loaded while serving come from: the model repository."""
+class ModelRepository:
+    """Where models loaded while serving come from: the folder of model folders."""
 
     names: Callable[[], list[str]]  # the models it holds
     load: Callable[[str], ServedModel]  # a name -> that model, loaded (blocking), not yet warm
@@ -139,17 +152,19 @@ class Engine:
         *,
         limits: Limits,
         decode_workers: int,
-        source: ModelSource | None = None,
+        repository: ModelRepository | None = None,
     ) -> None:
         if not models:
             raise ValueError("an engine needs at least one model")
         self._models = {m.name: m for m in models}
-        self.source = source  # for models loaded while serving (`load_model`)
+        self.repository = repository  # for models loaded while serving (`load_model`)
         self._control = asyncio.Lock()  # one load or unload at a time
         self.default_model = models[0].name
         self.limits = limits
-        self._decode_pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="decode")
+        self.decode_pool = DecodePool(decode_workers)
         self._started = False
+        self._warming = False
+        self.failure: str | None = None  # why the warm-up failed: the service will not become ready
         self._stopping = False
         self._observer: EngineObserver | None = None
 
@@ -165,7 +180,7 @@ class Engine:
         check_acceleration(acceleration, device)
 
         def load(name: str) -> ServedModel:
-            config = load_model_config(
+            config = read_config(
                 settings.model_repository,
                 name,
                 weights_override=settings.weights if name == settings.default_model else None,
@@ -177,7 +192,7 @@ class Engine:
                 loaded,
                 device=device,
                 dtype=dtype,
-                batching=config.batching_config(settings.batching()),
+                batching=config.batching_config(settings.batching(on_cpu=device.type == "cpu")),
                 acceleration=acceleration,
             )
             info = model.info()
@@ -195,12 +210,12 @@ class Engine:
             return model
 
         for name in settings.model:  # every config read first: a typo in the last fails before any weights load
-            load_model_config(settings.model_repository, name)
+            read_config(settings.model_repository, name)
         return cls(
             [load(name) for name in settings.model],
             limits=Limits.from_settings(settings),
             decode_workers=settings.resolved_decode_workers(),
-            source=ModelSource(names=lambda: list_models(settings.model_repository), load=load),
+            repository=ModelRepository(names=lambda: list_models(settings.model_repository), load=load),
         )
 
     def observe(self, observer: EngineObserver) -> None:
@@ -215,7 +230,20 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        return self._started and not self._stopping and all(m.ready for m in self._models.values())
+        return self.not_ready_reason() is None
+
+    def not_ready_reason(self) -> str | None:
+        """Why the engine is not ready, in a few words; None when it is."""
+        if not self._started:
+            return self.failure or ("warming up" if self._warming else "not started")
+        if self._stopping:
+            return "shutting down"
+        down = [name for name, model in self._models.items() if not model.ready]
+        if down:
+            return f"model {', '.join(map(repr, down))} not ready"
+        if self.decode_pool.exhausted:
+            return f"all {self.decode_pool.threads} decode threads are held by decodes past their request's deadline"
+        return None
 
     def model(self, name: str | None = None) -> ServedModel:
         try:
@@ -224,24 +252,40 @@ class Engine:
             raise ModelNotFound(f"no model named {name!r}; served: {', '.join(self._models)}") from None
 
     async def start(self) -> None:
-        """Warm every model up (a forward at its largest batch size) and start its batcher."""
-        for model in self._models.values():
-            await _warm(model)
+        """Warm every model up (every batch size it will see) and start its batcher; ready when it returns. Until then
+        readiness says "warming up", and after a failure (which is raised) why it failed."""
+        started = time.perf_counter()
+        self._warming = True
+        try:
+            for model in self._models.values():
+                await _warm(model)
+        except Exception as exc:
+            self.failure = f"warm-up failed: {type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self._warming = False
         self._started = True
+        seconds = time.perf_counter() - started
+        log.info(
+            "ready: %s warm in %.1f s",
+            ", ".join(map(repr, self._models)),
+            seconds,
+            extra={"fields": {"models": list(self._models), "warmup_s": round(seconds, 3)}},
+        )
 
     async def load_model(self, name: str, *, drain_timeout_s: float) -> ServedModel:
         """Load `name` from the model repository while serving, warm it up, and serve it. A model already served
         under that name is replaced: requests it accepted are answered by it (drained for up to `drain_timeout_s`),
         requests from the swap on go to the new one. Raises `ModelNotFound` (no such folder) or `ModelLoadFailed`."""
-        if self.source is None:
+        if self.repository is None:
             raise NotReady("this engine cannot load models while serving")
-        if name not in self.source.names():
+        if name not in self.repository.names():
             raise ModelNotFound(f"the model repository has no model {name!r}")
         async with self._control:
             if self._stopping:
                 raise NotReady("the service is shutting down")
             try:
-                model = await asyncio.get_running_loop().run_in_executor(None, self.source.load, name)
+                model = await asyncio.get_running_loop().run_in_executor(None, self.repository.load, name)
             except ModelLoadError as exc:
                 raise ModelLoadFailed(str(exc)) from None
             except Exception as exc:  # e.g. out of device memory: the load fails, what is served goes on
@@ -284,7 +328,7 @@ class Engine:
         """Not ready from now on; finish what was accepted (bounded), then release the threads."""
         self._stopping = True
         await asyncio.gather(*(m.stop(timeout_s) for m in self._models.values()))
-        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.decode_pool.shutdown()
 
     async def __aenter__(self) -> Engine:
         await self.start()
@@ -356,17 +400,13 @@ class Engine:
             served,
             served.explainer,
             len(images),
-            lambda: self._prepare_all(served, images, served.prepare_on_cpu),
+            lambda deadline: self._prepare_all(served, images, served.prepare_on_cpu, deadline),
             timeout_s,
+            encoded_bytes=sum(map(len, images)),
         )
         overlays: list[bytes | None] = [None] * len(explained)
         if overlay:
-            loop = asyncio.get_running_loop()
-            overlays = list(
-                await asyncio.gather(
-                    *(loop.run_in_executor(self._decode_pool, served.overlay_png, e) for e in explained)
-                )
-            )
+            overlays = list(await asyncio.gather(*(self.decode_pool.run(served.overlay_png, e) for e in explained)))
         results = [
             Explanation(postprocess.top_k(e.output, k, served.labels, with_logits=False), e.heat.numpy(), png)
             for e, png in zip(explained, overlays, strict=True)
@@ -379,7 +419,12 @@ class Engine:
         """Encoded images -> the model's outputs, one per image, in order (decoded and preprocessed here)."""
         served = self.model(model)
         outputs, timings = await self._run(
-            served, served.batcher, len(images), lambda: self._prepare_all(served, images, served.prepare), timeout_s
+            served,
+            served.batcher,
+            len(images),
+            lambda deadline: self._prepare_all(served, images, served.prepare, deadline),
+            timeout_s,
+            encoded_bytes=sum(map(len, images)),
         )
         return Inference(served.name, outputs, timings)
 
@@ -395,7 +440,7 @@ class Engine:
                 code="invalid_shape",
             )
 
-        async def split() -> list[Prepared]:
+        async def split(deadline: float) -> list[Prepared]:
             return list(pixels.float().unbind(0))
 
         outputs, timings = await self._run(served, served.batcher, pixels.shape[0], split, timeout_s)
@@ -406,12 +451,16 @@ class Engine:
         served: ServedModel,
         batcher: Batcher[In, Out],
         count: int,
-        prepare: Callable[[], Awaitable[list[In]]],
+        prepare: Callable[[float], Awaitable[list[In]]],  # given the request's deadline (the loop's clock)
         timeout_s: float | None,
+        *,
+        encoded_bytes: int = 0,
     ) -> tuple[list[Out], Timings]:
         """The one request path: limits, admission, prepare, the batcher, a deadline over all of it."""
         if self._stopping:
             raise NotReady("the service is shutting down; send this request to another replica")
+        if not self._started:
+            raise NotReady(f"not ready: {self.not_ready_reason()}; retry once /readyz answers 200")
         if count == 0:
             raise BadRequest("the request holds no image", code="no_image")
         if count > self.limits.max_images_per_request:
@@ -419,13 +468,14 @@ class Engine:
                 f"{count} images in one request; the limit is {self.limits.max_images_per_request}",
                 code="too_many_images",
             )
-        timeout = self.limits.request_timeout_s if timeout_s is None else min(timeout_s, self.limits.request_timeout_s)
+        limit = self.request_timeout_s(served)
+        timeout = limit if timeout_s is None else min(timeout_s, limit)
         deadline = asyncio.get_running_loop().time() + timeout
         try:
             async with asyncio.timeout_at(deadline):
-                with batcher.admit(count) as admission:  # 503 at once when full
+                with batcher.admit(count, encoded_bytes=encoded_bytes) as admission:  # 503 at once when full
                     started = time.perf_counter()
-                    tensors = await prepare()
+                    tensors = await prepare(deadline)
                     preprocess_s = time.perf_counter() - started
                     futures = admission.submit(tensors, deadline)
                 try:
@@ -444,15 +494,29 @@ class Engine:
         )
         return [c.value for c in completed], timings
 
+    def request_timeout_s(self, served: ServedModel) -> float:
+        """A request's deadline: as set; or 30 s, longer on a device that the warm-up measured slower than 4 of this
+        model's largest batches in 30 s (a CPU), so that a request of a few images is not cut short there."""
+        if self.limits.request_timeout_s is not None:
+            return self.limits.request_timeout_s
+        measured = served.measured
+        if measured is None:
+            return DEFAULT_REQUEST_TIMEOUT_S
+        batches_s = TIMEOUT_IN_BATCHES * measured.batch_size / max(measured.images_per_s, 1e-3)
+        return max(DEFAULT_REQUEST_TIMEOUT_S, round(batches_s))
+
     async def _prepare_all(
-        self, served: ServedModel, images: Sequence[bytes], prepare: Callable[[bytes, int], T]
+        self,
+        served: ServedModel,
+        images: Sequence[bytes],
+        prepare: Callable[[bytes, ImageLimits], T],
+        deadline: float,
     ) -> list[T]:
         """`prepare` (decode and preprocess) every image in the pool, in parallel; the first bad image (in order)
         fails all."""
-        loop = asyncio.get_running_loop()
-        max_pixels = self.limits.max_image_pixels
+        limits = self.limits.image
         results = await asyncio.gather(
-            *(loop.run_in_executor(self._decode_pool, _timed, prepare, data, max_pixels) for data in images),
+            *(self.decode_pool.run(_timed, prepare, data, limits, deadline=deadline) for data in images),
             return_exceptions=True,
         )
         tensors: list[T] = []
@@ -473,13 +537,22 @@ async def _warm(model: ServedModel) -> None:
     started = time.perf_counter()
     await model.start()
     seconds = time.perf_counter() - started
-    batch = model.batcher.config.max_batch_size
+    measured = model.measured
     log.info(
-        "model %r warmed up (batch of %d) in %.2f s; ready",
+        "model %r warmed up in %.2f s%s",
         model.name,
-        batch,
         seconds,
-        extra={"fields": {"model": model.name, "warmup_batch": batch, "warmup_s": round(seconds, 3)}},
+        f": {measured.images_per_s:g} images/s at batch {measured.batch_size}, {measured.latency_ms_batch1:.0f} ms "
+        "for one image alone"
+        if measured
+        else "",
+        extra={
+            "fields": {
+                "model": model.name,
+                "warmup_s": round(seconds, 3),
+                **({"measured": dataclasses.asdict(measured)} if measured else {}),
+            }
+        },
     )
 
 
@@ -508,7 +581,7 @@ def _at_image(error: ServeError, futures: Sequence[asyncio.Future[Completed[Any]
     return error
 
 
-def _timed(prepare: Callable[[bytes, int], T], data: bytes, max_pixels: int) -> tuple[T, float]:
+def _timed(prepare: Callable[[bytes, ImageLimits], T], data: bytes, limits: ImageLimits) -> tuple[T, float]:
     started = time.perf_counter()
-    tensor = prepare(data, max_pixels)
+    tensor = prepare(data, limits)
     return tensor, time.perf_counter() - started

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
+import math
 import queue
 import sys
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,15 +25,15 @@ from app.errors import ServeError
 from app.pipeline import overlay
 from app.pipeline.decode import decode
 from app.pipeline.gpu_decode import probe_jpeg
+from app.pipeline.image_scan import NO_LIMITS, ImageLimits, check_size, check_structure
 from app.pipeline.postprocess import ImageOutput
 from app.pipeline.preprocess import preprocess
 from app.runtime.device import dtype_name
 from app.runtime.lanes import Lane, LaneSpec, Prepared
 from app.runtime.memory import forward_bytes_per_image, images_per_forward
 from app.runtime.runner import batch_buckets, build_forward, compile_module
-from app.sources import attention
-from app.sources.embedding import with_embedding
-from app.sources.loading import LoadedModel
+from app.sources.attention import rollout
+from app.sources.base import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,19 @@ class Explained:
     output: ImageOutput
     heat: torch.Tensor  # (rows, cols) float32, summing to 1
     pixels: torch.Tensor  # (3, h, w) preprocessed
+
+
+class WarmUpStopped(Exception):
+    """The model was stopped while it warmed up: the steps left were skipped."""
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """What the warm-up timed on this device, for a client to size its batches and timeouts by."""
+
+    batch_size: int  # the largest batch, timed
+    images_per_s: float  # at that batch size
+    latency_ms_batch1: float  # one image alone
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +77,7 @@ class ModelInfo:
     batching: dict[str, Any]
     preprocess: dict[str, Any]
     acceleration: dict[str, Any]
+    measured: Measured | None  # None until the warm-up has run
     ready: bool
 
 
@@ -82,22 +100,30 @@ class ServedModel:
         self.arch = arch
         self.labels = loaded.labels
         self._loaded = loaded
-        split = with_embedding(loaded.module, loaded.image_size)
+        split = loaded.embedding
         self.embedding_dim = split.dim if split is not None else 0  # 0: served without embeddings
         self._module: nn.Module = split if split is not None else loaded.module  # logits, then the embedding
-        self._preprocessor = loaded.preprocessor
+        self._preprocessor = loaded.preprocessing.transform
         self._device = device
         self._dtype = dtype
         self.acceleration = acceleration
         self.decode_on_device = (
-            acceleration.decode_device in ("auto", "cuda") and device.type == "cuda" and loaded.tensor_preprocess
+            acceleration.decode_device in ("auto", "cuda")
+            and device.type == "cuda"
+            and loaded.preprocessing.takes_tensors
         )
         self.pipeline_depth = acceleration.pipeline_depth or (2 if device.type == "cuda" else 1)
         self.max_images_per_forward = batching.max_batch_size  # bounded by device memory in the warm-up
-        # JPEGs decoded at a reduced scale, no smaller than the preset's resize (torchvision presets only)
-        resize = loaded.preprocess_info.get("resize_size")
-        self.draft_size: int | None = resize if acceleration.jpeg_draft and isinstance(resize, int) else None
+        resize_side = loaded.preprocessing.resize_side
+        # JPEGs decoded at a reduced scale, no smaller than the preprocessing's resize (where its source allows it)
+        draft = acceleration.jpeg_draft and loaded.preprocessing.jpeg_draft
+        self.draft_size: int | None = resize_side if draft else None
+        # the side an image's short side is resized to; for a fixed-size resize, torchvision's ratio (256 for 224),
+        # which bounds the resize from above
+        self.resize_side = resize_side or math.ceil(loaded.image_size * 256 / 224)
         self.buckets: list[int] = []  # batch sizes compiled or captured, in the warm-up
+        self.measured: Measured | None = None  # timed at the end of the warm-up
+        self._stopped = threading.Event()
         self._lanes: queue.SimpleQueue[Lane] = queue.SimpleQueue()
         self.on_batch: Callable[[BatchRecord], None] | None = None
         self.oom_splits = 0  # batches retried in halves after running out of device memory
@@ -110,9 +136,7 @@ class ServedModel:
             update={"max_batch_size": min(batching.max_batch_size, EXPLAIN_MAX_BATCH)}
         )
         self.explainer: Batcher[torch.Tensor, Explained] | None = (
-            Batcher(self.explain, explain_batching, name=f"{name}/explain")
-            if attention.supports_attention(loaded.module)
-            else None
+            Batcher(self.explain, explain_batching, name=f"{name}/explain") if loaded.attention is not None else None
         )
 
     def _batch_done(self, record: BatchRecord) -> None:
@@ -137,27 +161,32 @@ class ServedModel:
     def ready(self) -> bool:
         return self.batcher.alive
 
-    def prepare(self, data: bytes, max_pixels: int) -> Prepared:
+    def prepare(self, data: bytes, limits: ImageLimits) -> Prepared:
         """Decode and preprocess one image: bytes -> (3, crop, crop) float32. Runs in the decode pool.
 
-        With `decode_device = cuda`, a JPEG the device can decode is only checked here and left for its batch.
+        With `decode_device = cuda`, a JPEG the device can decode is only checked here (`limits`, from its header)
+        and left for its batch.
         """
         if self.decode_on_device:
-            jpeg = probe_jpeg(data, max_pixels=max_pixels)
+            check_structure(data, limits)
+            jpeg = probe_jpeg(data, max_pixels=limits.max_pixels)
             if jpeg is not None:
+                check_size(jpeg.width, jpeg.height, limits, resize_side=self.resize_side)
                 return jpeg
-        return preprocess(decode(data, max_pixels=max_pixels, draft_size=self.draft_size), self._preprocessor)
+        image = decode(data, limits=limits, resize_side=self.resize_side, draft_size=self.draft_size)
+        return preprocess(image, self._preprocessor)
 
-    def prepare_on_cpu(self, data: bytes, max_pixels: int) -> torch.Tensor:
+    def prepare_on_cpu(self, data: bytes, limits: ImageLimits) -> torch.Tensor:
         """Decode and preprocess one image on the CPU, exactly (the explain path): bytes -> (3, crop, crop) float32."""
-        return preprocess(decode(data, max_pixels=max_pixels), self._preprocessor)
+        return preprocess(decode(data, limits=limits, resize_side=self.resize_side), self._preprocessor)
 
     def explain(self, images: list[torch.Tensor]) -> list[Explained]:
         """One batch through the attention-reading forward: outputs and rollout maps. On the explainer's thread."""
         with torch.inference_mode():
             pixels = torch.stack(images).to(self._device, self._dtype)
-            found = attention.attentions(self._loaded.module, pixels)
-            maps = attention.rollout(found.layers, found.prefix_tokens, found.grid).float().cpu()
+            assert self._loaded.attention is not None  # no explainer otherwise
+            found = self._loaded.attention(pixels)
+            maps = rollout(found.layers, found.prefix_tokens, found.grid).float().cpu()
             logits = found.logits.float().cpu()
         probs = logits.softmax(dim=-1)
         empty = torch.empty(0)
@@ -168,10 +197,9 @@ class ServedModel:
 
     def overlay_png(self, explained: Explained) -> bytes:
         """The rollout map laid over the image the model saw (resized, cropped), as a PNG."""
-        info = self._loaded.preprocess_info
-        mean = info.get("mean") or info.get("image_mean") or (0.0, 0.0, 0.0)
-        std = info.get("std") or info.get("image_std") or (1.0, 1.0, 1.0)
-        return overlay.overlay_png(overlay.model_view(explained.pixels, mean, std), explained.heat)
+        preprocessing = self._loaded.preprocessing
+        view = overlay.model_view(explained.pixels, preprocessing.mean, preprocessing.std)
+        return overlay.overlay_png(view, explained.heat)
 
     def forward(self, images: list[Prepared]) -> list[ImageOutput | ServeError]:
         """Run one batch in a free lane: n prepared images -> n outputs. Runs on one of the batcher's threads."""
@@ -202,9 +230,11 @@ class ServedModel:
             return self._run(lane, images[:half]) + self._run(lane, images[half:])
 
     def warm_up(self) -> None:
-        """Build the lanes and run every batch size each will see (compiling and capturing), before ready.
+        """Build the lanes and run every batch size each will see (compiling and capturing), before ready; then time
+        one image and the largest batch (`measured`). Each step is logged as it starts and ends.
 
-        On CUDA, first measure one image's forward memory and bound the images per forward by
+        On the CPU a lane needs one image through it, not a full batch (seconds of a ViT-B on two cores). On CUDA, first
+        measure one image's forward memory and bound the images per forward by
         `batch_memory_fraction` of the device's memory.
         """
         acceleration = self.acceleration
@@ -238,7 +268,7 @@ class ServedModel:
             preprocessor=self._preprocessor,
             decode_on_cpu=self._decode_on_cpu,
         )
-        for _ in range(self.pipeline_depth):
+        for number in range(1, self.pipeline_depth + 1):
             forward = build_forward(
                 self._module,
                 device=self._device,
@@ -247,15 +277,48 @@ class ServedModel:
                 cuda_graphs=acceleration.cuda_graphs,
             )
             lane = Lane(spec, forward)
-            lane.warm_up(example)
-            if self.decode_on_device:  # the device decoder's first use initialises it: not while serving
-                jpeg = probe_jpeg(_warmup_jpeg(), max_pixels=sys.maxsize)
-                assert jpeg is not None
-                lane.run([jpeg, jpeg])
+            with self._step(f"lane {number} of {self.pipeline_depth} ({type(forward).__name__})"):
+                lane.warm_up(example)
+                if self.decode_on_device:  # the device decoder's first use initialises it: not while serving
+                    jpeg = probe_jpeg(_warmup_jpeg(), max_pixels=sys.maxsize)
+                    assert jpeg is not None
+                    lane.run([jpeg, jpeg])
+            if number == 1:
+                self.measured = self._measure(lane, example)
             self._lanes.put(lane)
 
+    def _measure(self, lane: Lane, example: torch.Tensor) -> Measured:
+        """One image alone, then the largest batch, through a warm lane: the latency and throughput served."""
+        with self._step("timing a batch of 1") as one:
+            lane.run(list(example[:1]))
+        with self._step(f"timing a batch of {len(example)}") as full:
+            lane.run(list(example))
+        return Measured(
+            batch_size=len(example),
+            images_per_s=round(len(example) / full.seconds, 2),
+            latency_ms_batch1=round(one.seconds * 1000, 3),
+        )
+
+    @contextlib.contextmanager
+    def _step(self, what: str) -> Iterator[_Stopwatch]:
+        """Log a warm-up step as it starts and when it is done, with its time: a long warm-up shows progress. A model
+        stopped meanwhile (SIGTERM while warming up) starts no further step: its process need not wait for them."""
+        if self._stopped.is_set():
+            raise WarmUpStopped(f"model {self.name!r} was stopped during its warm-up")
+        log.info("warming up %r: %s ...", self.name, what)
+        watch = _Stopwatch(time.perf_counter())
+        yield watch
+        watch.seconds = time.perf_counter() - watch.started
+        log.info(
+            "warming up %r: %s: %.2f s",
+            self.name,
+            what,
+            watch.seconds,
+            extra={"fields": {"model": self.name, "warmup_step": what, "seconds": round(watch.seconds, 3)}},
+        )
+
     def _decode_on_cpu(self, data: bytes) -> torch.Tensor:
-        return self.prepare_on_cpu(data, sys.maxsize)
+        return self.prepare_on_cpu(data, NO_LIMITS)  # a JPEG `prepare` checked, which the device could not decode
 
     def acceleration_info(self) -> dict[str, Any]:
         """How batches run: what was asked for and what the warm-up settled (buckets, images per forward)."""
@@ -276,6 +339,7 @@ class ServedModel:
             await self.explainer.start()
 
     async def stop(self, timeout_s: float) -> None:
+        self._stopped.set()  # a warm-up still running skips its remaining steps
         explainer = self.explainer.stop(timeout_s) if self.explainer is not None else asyncio.sleep(0)
         await asyncio.gather(self.batcher.stop(timeout_s), explainer)
 
@@ -293,10 +357,17 @@ class ServedModel:
             device=str(self._device),
             dtype=dtype_name(self._dtype),
             batching=self.batcher.config.model_dump(),
-            preprocess=self._loaded.preprocess_info,
+            preprocess=self._loaded.preprocessing.info,
             acceleration=self.acceleration_info(),
+            measured=self.measured,
             ready=self.ready,
         )
+
+
+@dataclass(slots=True)
+class _Stopwatch:
+    started: float
+    seconds: float = 0.0
 
 
 def _warmup_jpeg() -> bytes:

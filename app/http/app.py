@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,12 +14,14 @@ from starlette.middleware.cors import CORSMiddleware
 from app import __version__
 from app.config.settings import Settings
 from app.engine.facade import Engine
-from app.http import classify, demo, embed, explain, model_control, models, oip, probes, prometheus
+from app.http import api_docs, classify, demo, embed, explain, model_control, models, oip, probes, prometheus
 from app.http.auth import ApiKeyMiddleware
 from app.http.body_limit import BodyLimitMiddleware
 from app.http.error_handlers import install_error_handlers
 from app.http.telemetry import TelemetryMiddleware
 from app.observability.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 
 def create_app(
@@ -28,27 +31,37 @@ def create_app(
     metrics_dir: Path | None = None,
     before_serving: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """The HTTP service. Its lifespan warms the engine up before serving and drains it on shutdown. `metrics_dir`:
-    this is one of several workers, whose metrics are combined there (see `Metrics`). `before_serving` (blocking, run
-    on a thread) runs once the engine is warm and before any connection is taken: the workers' start barrier."""
+    """The HTTP service. Its lifespan starts the engine's warm-up and returns: the probes answer at once, readiness
+    says "warming up" until the engine is warm (`app.state.warming`, the warm-up's task, is done then). On shutdown
+    it drains the engine. `metrics_dir`: this is one of several workers, whose metrics are combined there (see
+    `Metrics`). `before_serving` (blocking, run on a thread) runs once the engine is warm, and the lifespan waits for
+    both: no connection is taken before it returns (the workers' start barrier)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await engine.start()
-        metrics.start()
-        if before_serving is not None:
-            await asyncio.to_thread(before_serving)
+        app.state.warming = warming = asyncio.create_task(engine.start(), name="warm-up")
+        warming.add_done_callback(_report_failure)
         try:
+            if before_serving is not None:
+                await warming
+                metrics.start()  # a worker's sampled series appear once it is warm
+                await asyncio.to_thread(before_serving)
+            else:
+                metrics.start()
             yield
         finally:
+            warming.cancel()  # stopped while warming up: the step running in its thread ends by itself
             await engine.stop(settings.drain_timeout_s)
             metrics.stop()
+            log.info("drained: every accepted request answered, the engine stopped")
 
     app = FastAPI(
         title="vit-serve",
         version=__version__,
         summary="Vision Transformer image classification with dynamic batching.",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's page loads its scripts from a CDN; `api_docs` serves them from the package
+        redoc_url=None,  # ReDoc 2 cannot read an OpenAPI 3.1 schema's `$defs`: a page that never renders
     )
     app.state.engine = engine
     app.state.settings = settings
@@ -66,8 +79,16 @@ def create_app(
             expose_headers=["X-Request-ID", "Server-Timing", "Retry-After", "Inference-Header-Content-Length"],
             max_age=600,
         )
-    app.add_middleware(TelemetryMiddleware, metrics=metrics)  # outermost: it sees every answer
+    modules = (classify, embed, explain, models, model_control, probes, prometheus, oip, demo, api_docs)
+    routes = [route for module in modules for route in module.router.routes]
+    app.add_middleware(TelemetryMiddleware, metrics=metrics, routes=routes)  # outermost: it sees every answer
     install_error_handlers(app)
-    for module in (classify, embed, explain, models, model_control, probes, prometheus, oip, demo):
+    for module in modules:
         app.include_router(module.router)
     return app
+
+
+def _report_failure(warming: asyncio.Task[None]) -> None:
+    """A warm-up that failed is logged here (the engine's `failure` says why; the server exits on it)."""
+    if not warming.cancelled() and (exc := warming.exception()) is not None:
+        log.error("warm-up failed: the service will not become ready", exc_info=exc)

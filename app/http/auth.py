@@ -26,6 +26,7 @@ OPEN_PATHS = frozenset(
         "/docs/oauth2-redirect",
         "/openapi.json",
         "/",
+        "/favicon.ico",
     }
 )
 OPEN_PREFIX = "/static/"

@@ -1,4 +1,5 @@
-"""`GET /`: the demo page, and `GET /static/{name}`: its script and style, shipped in the package (`app/http/static/`).
+"""`GET /`: the demo page, and `GET /static/{name}`: its script, style and icon, shipped in the package
+(`app/http/static/`); the icon is `GET /favicon.ico` too.
 
 Only the files named in `STATIC_FILES` are served, so no request path can reach anything else in the package. The page
 holds no data and calls the API from the browser with the key the person types in, so it needs no key itself.
@@ -17,7 +18,12 @@ from starlette.responses import Response
 
 router = APIRouter(include_in_schema=False)
 
-STATIC_FILES = {"demo.js": "text/javascript; charset=utf-8", "demo.css": "text/css; charset=utf-8"}
+STATIC_FILES = {
+    "demo.js": "text/javascript; charset=utf-8",
+    "demo.css": "text/css; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
+}
+FAVICON = "favicon.svg"
 PAGE = "index.html"
 # The page, its script and style, and the API all come from this origin; images are the previews (blob:) and the
 # attention overlays (data:). Nothing inline, nothing from elsewhere, and no framing (the page asks for an API key).
@@ -41,6 +47,12 @@ async def page(request: Request) -> Response:
     response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
     response.headers["Referrer-Policy"] = "no-referrer"
     return response
+
+
+@router.get("/favicon.ico")
+async def favicon(request: Request) -> Response:
+    """Where browsers look for an icon unasked (the docs pages name it too): the SVG, which they all read."""
+    return _serve(request, FAVICON, STATIC_FILES[FAVICON])
 
 
 @router.get("/static/{name}")

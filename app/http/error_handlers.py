@@ -7,9 +7,10 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from app.errors import InferenceFailed, InvalidParameter, ServeError, Unavailable
+from app.errors import ClientDisconnected, InferenceFailed, InvalidParameter, ServeError, Unavailable
 from app.http.responses import JSONResponse
 from app.observability.metrics import Metrics
 
@@ -22,6 +23,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServeError, _serve_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(ClientDisconnect, _client_disconnected)
     app.add_exception_handler(Exception, _unexpected_error)
 
 
@@ -63,6 +65,11 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     for name, value in (exc.headers or {}).items():
         response.headers[name] = value
     return response
+
+
+async def _client_disconnected(request: Request, exc: Exception) -> Response:
+    """The client went away (or was timed out) while its body was being read: nobody reads this answer."""
+    return await _serve_error(request, ClientDisconnected("the client closed the connection before its body ended"))
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:

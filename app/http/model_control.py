@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import orjson
@@ -14,6 +13,7 @@ from starlette.responses import Response
 from app.config.settings import Settings
 from app.engine.facade import Engine
 from app.errors import BadRequest, Forbidden, NotReady
+from app.http.models import model_info
 from app.http.responses import JSONResponse
 from app.http.schemas import ERROR_RESPONSES, ModelInfo
 
@@ -37,7 +37,7 @@ async def load(request: Request, name: str) -> Response:
     engine, settings = _controlled(request)
     request.state.model = name
     model = await engine.load_model(name, drain_timeout_s=settings.drain_timeout_s)
-    return JSONResponse(dataclasses.asdict(model.info()))
+    return JSONResponse(model_info(engine, model))
 
 
 @router.post(
@@ -56,10 +56,10 @@ async def repository_index(request: Request) -> Response:
     served ones."""
     engine, _ = _controlled(request)
     ready_only = bool((await _json_object(request)).get("ready", False))
-    assert engine.source is not None
+    assert engine.repository is not None
     served = {m.name: m for m in engine.models}
     index = []
-    for name in sorted(set(engine.source.names()) | set(served)):
+    for name in sorted(set(engine.repository.names()) | set(served)):
         model = served.get(name)
         if model is not None and model.ready:
             index.append({"name": name, "version": "1", "state": "READY", "reason": ""})
@@ -97,7 +97,7 @@ def _controlled(request: Request) -> tuple[Engine, Settings]:
             "model control is off: start the server with --model-control (and an API key) to load and unload models",
             code="model_control_off",
         )
-    if engine.source is None:
+    if engine.repository is None:
         raise NotReady("this engine cannot load models while serving")
     return engine, settings
 

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from app.engine.facade import Engine
+from app.engine.served_model import ServedModel
 from app.http.dependencies import ModelName
 from app.http.responses import JSONResponse
 from app.http.schemas import ERROR_RESPONSES, ModelInfo, ModelList
@@ -34,4 +35,9 @@ async def get_model(request: Request, name: str, model: ModelName) -> Response:
 
 
 def _info(engine: Engine, name: str) -> dict[str, Any]:
-    return dataclasses.asdict(engine.model(name).info())
+    return model_info(engine, engine.model(name))
+
+
+def model_info(engine: Engine, served: ServedModel) -> dict[str, Any]:
+    """A model's description, with the deadline its requests get (which may follow its measured speed)."""
+    return dataclasses.asdict(served.info()) | {"request_timeout_s": engine.request_timeout_s(served)}

@@ -1,5 +1,6 @@
 """Kubernetes probes. Live: the process and its event loop answer. Ready: every model loaded, warmed, its batcher
-alive, and the service not shutting down. Live is not ready (infinity #609: /health said 200 while all hung)."""
+alive, some decode thread not held by a decode past its deadline, and the service not shutting down. Live is not
+ready (infinity #609: /health said 200 while all hung)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ async def healthz() -> Response:
 async def readyz(request: Request) -> Response:
     engine: Engine = request.app.state.engine
     models = {m.name: m.ready for m in engine.models}
-    if engine.ready:
+    reason = engine.not_ready_reason()
+    if reason is None:
         return JSONResponse({"ready": True, "models": models})
-    body = {"error": "not ready", "code": "not_ready", "ready": False, "models": models}
+    body = {"error": f"not ready: {reason}", "code": "not_ready", "ready": False, "reason": reason, "models": models}
     return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})

@@ -110,6 +110,12 @@ class ErrorResponse(BaseModel):
     index: int | None = Field(None, description="The offending image, where one image is at fault.")
 
 
+class Measured(BaseModel):
+    batch_size: int = Field(description="The largest batch, timed.")
+    images_per_s: float = Field(description="Throughput at that batch size.")
+    latency_ms_batch1: float = Field(description="One image alone, through the forward.")
+
+
 class ModelInfo(BaseModel):
     name: str
     arch: str
@@ -126,6 +132,13 @@ class ModelInfo(BaseModel):
     acceleration: dict[str, Any] = Field(
         description="How batches run: compile, cuda_graphs, batch_buckets, decode_device, pipeline_depth, "
         "max_images_per_forward."
+    )
+    measured: Measured | None = Field(
+        description="What the warm-up timed on this device (null while warming up): a client sizes its batches and "
+        "timeouts by it."
+    )
+    request_timeout_s: float | None = Field(
+        None, description="The deadline of a request to this model, in seconds: past it, 504."
     )
     ready: bool
 

@@ -29,7 +29,7 @@ class JsonFormatter(logging.Formatter):
 
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        super().__init__("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")  # pid: which worker
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)

@@ -84,10 +84,11 @@ class Lane:
         return 2 * self.spec.num_classes + self.spec.embedding_dim
 
     def warm_up(self, example: torch.Tensor) -> None:
-        """Compile or capture every bucket, then one full batch through `run` (pinned buffers, streams)."""
+        """Compile or capture every bucket, then a batch through `run`: a full one on CUDA (pinned buffers,
+        streams); one image on the CPU, where a full batch warms nothing more and takes seconds."""
         with torch.inference_mode(), self._on_compute_stream():
             self.forward.warm_up(example[: self.spec.max_images_per_forward].to(self.spec.device, self.spec.dtype))
-        self.run(list(example))
+        self.run(list(example if self._cuda else example[:1]))
 
     @contextlib.contextmanager
     def _on_compute_stream(self) -> Iterator[None]:

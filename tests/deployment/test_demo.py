@@ -12,16 +12,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
 from app.config.settings import Settings
-from tests.conftest import ClientFactory
-from tests.fakes import fake_engine
-from tests.processes import chelsea_jpeg, tiny_server_process
+from tests.support.fakes import fake_engine
+from tests.support.inprocess import ClientFactory
+from tests.support.processes import chelsea_jpeg, tiny_server_process
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's, installed by `make test`
 KEY = "demo-key-0123456789"
-TINY_LABELS = {f"label {i}" for i in range(10)}  # tests.processes.write_tiny_model's
+TINY_LABELS = {f"label {i}" for i in range(10)}  # tests.support.processes.write_tiny_model's
 WAIT_MS = 30_000
 CSP_WATCH = """document.addEventListener("securitypolicyviolation", (event) => {
   (window.cspViolations = window.cspViolations || []).push(event.violatedDirective);
@@ -54,6 +54,10 @@ async def test_the_page_and_its_files_are_served_with_a_strict_policy(client: ht
     assert script.headers["x-content-type-options"] == "nosniff" and "fetch(" in script.text
     style = await client.get("/static/demo.css")
     assert style.status_code == 200 and style.headers["content-type"] == "text/css; charset=utf-8"
+    for icon in ("/favicon.ico", "/static/favicon.svg"):
+        answer = await client.get(icon)
+        assert answer.status_code == 200 and answer.headers["content-type"] == "image/svg+xml"
+        assert answer.content.startswith(b"<svg")
 
     paths = (await client.get("/openapi.json")).json()["paths"]
     assert "/" not in paths and not any(path.startswith("/static") for path in paths)
@@ -81,12 +85,31 @@ async def test_nothing_else_is_served(client: httpx.AsyncClient, path: str) -> N
 
 async def test_with_api_keys_the_page_needs_no_key_and_the_api_still_does(serve: ClientFactory) -> None:
     async with serve(fake_engine(), Settings(drain_timeout_s=5, api_keys=KEY)) as client:  # type: ignore[arg-type]
-        for path in ("/", "/static/demo.js", "/static/demo.css"):
+        for path in ("/", "/static/demo.js", "/static/demo.css", "/favicon.ico", *DOCS_FILES):
             assert (await client.get(path)).status_code == 200, path
         assert (await client.get("/v1/models")).status_code == 401
         # Open under /static/ means nothing there but the files: the router never resolves dot segments.
         assert (await client.get("/static/..%2Fv1%2Fmodels")).status_code == 404
         assert (await client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})).status_code == 200
+
+
+DOCS_FILES = ("/docs", "/static/docs/swagger-ui-bundle.js", "/static/docs/swagger-ui.css")
+
+
+async def test_the_api_docs_load_their_scripts_and_styles_from_the_service_itself(client: httpx.AsyncClient) -> None:
+    for path, script in (("/docs", "swagger-ui-bundle.js"),):
+        page = await client.get(path)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert f"/static/docs/{script}?v=" in page.text
+        assert "https://" not in page.text and "//cdn" not in page.text  # no CDN, no fonts, no remote icon
+        urls = re.findall(r"(?:src=|href=|url=|url: )['\"]([^'\"]+)['\"]", page.text)
+        assert urls and all(url.startswith("/") for url in urls), urls
+        asset = await client.get(f"/static/docs/{script}")
+        assert asset.status_code == 200 and asset.headers["content-type"] == "text/javascript; charset=utf-8"
+    style = await client.get("/static/docs/swagger-ui.css")
+    assert style.status_code == 200 and style.headers["content-type"] == "text/css; charset=utf-8"
+    assert (await client.get("/static/docs/oauth2-redirect.html")).status_code == 404  # the named files only
+    assert (await client.get("/redoc")).status_code == 404  # ReDoc 2 cannot read an OpenAPI 3.1 schema's $defs
 
 
 # --- the page, in a real browser against a real server process ---
@@ -105,6 +128,12 @@ def browser() -> Iterator[Browser]:
 @pytest.fixture(scope="module")
 def open_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with tiny_server_process(tmp_path_factory.mktemp("open")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def random_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with tiny_server_process(tmp_path_factory.mktemp("random"), "--weights", "random") as url:
         yield url
 
 
@@ -180,6 +209,7 @@ def test_a_picked_photo_shows_its_top_5_the_latency_and_the_attention(
     expect(page.locator("#model")).to_be_enabled()
     expect(page.locator("#model")).to_have_value("tiny")
     expect(page.locator("#key-form")).to_be_hidden()
+    expect(page.locator("#notice")).to_be_hidden()  # trained weights: nothing to warn of
     page.set_input_files("#file", photo)
     assert_bars_show(page, expected_top5(open_server, photo))
     expect(page.locator("#preview")).to_have_attribute("src", re.compile("^blob:"))
@@ -229,8 +259,13 @@ def test_a_failed_explanation_leaves_the_bars_and_a_bad_file_shows_the_servers_e
     )
     assert refusal.status_code == 415
     page.set_input_files("#file", {"name": "notes.txt", "mimeType": "text/plain", "buffer": not_an_image})
-    expect(page.locator("#error")).to_have_text(refusal.json()["error"])
+    # One message, for a person (no advice on request headers); no preview, empty heading or explanation beside it.
+    expect(page.locator("#error")).to_have_text(
+        "notes.txt is not an image the model can read. Choose a photo: JPEG, PNG, WebP…"
+    )
+    expect(page.locator("#results")).to_be_hidden()
     expect(page.locator(".bar")).to_have_count(0)
+    expect(page.get_by_text("not an image the model can read")).to_have_count(1)
 
 
 def drop_file(page: Page, selector: str, path: Path, mime_type: str) -> None:
@@ -246,3 +281,34 @@ def drop_file(page: Page, selector: str, path: Path, mime_type: str) -> None:
     )
     page.dispatch_event(selector, "dragenter", {"dataTransfer": transfer})
     page.dispatch_event(selector, "drop", {"dataTransfer": transfer})
+
+
+@pytest.mark.slow
+def test_a_model_serving_random_weights_says_so(page: Page, random_server: str, photo: Path) -> None:
+    page.goto(random_server)
+    expect(page.locator("#notice")).to_be_visible()
+    expect(page.locator("#notice")).to_have_text(re.compile(r"^tiny serves random weights: its classes .* meaningless"))
+    page.set_input_files("#file", photo)
+    expect(page.locator(".bar")).to_have_count(5)
+    expect(page.locator("#notice")).to_be_visible()  # beside the answer too
+
+
+@pytest.mark.slow
+def test_the_api_docs_render_with_no_request_leaving_the_machine(page: Page, open_server: str) -> None:
+    """Offline: every request /docs makes goes to the service itself; any other is refused here, and recorded."""
+    elsewhere: list[str] = []
+
+    def only_the_service(route: Route) -> None:
+        url = route.request.url
+        if url.startswith(open_server) or url.startswith(("data:", "blob:")):
+            route.continue_()
+        else:
+            elsewhere.append(url)
+            route.abort()
+
+    page.route("**/*", only_the_service)
+    page.goto(f"{open_server}/docs")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("vit-serve")  # the spec read and rendered
+    assert page.evaluate("typeof ui === 'object' && typeof ui.specSelectors === 'object'")  # the Swagger UI object
+    expect(page.locator(".swagger-ui .opblock").first).to_be_visible()  # the operations, from /openapi.json
+    assert not elsewhere, elsewhere

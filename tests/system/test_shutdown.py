@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,10 +19,10 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import ClientFactory
-from tests.fakes import fake_engine, image_bytes
-from tests.photos import jpeg, photo
-from tests.processes import ServerProcess, access_lines, tiny_server
+from tests.support.fakes import fake_engine, image_bytes
+from tests.support.inprocess import ClientFactory
+from tests.support.photos import jpeg, photo
+from tests.support.processes import ServerProcess, access_lines, tiny_server
 
 RED = image_bytes((255, 0, 0))
 
@@ -198,3 +201,45 @@ def test_a_second_sigterm_ends_the_drain_at_once(tmp_path: Path) -> None:
     assert server.process.returncode == 1
     assert "second SIGTERM during the drain: exiting now" in output
     assert seconds < 10
+
+
+@pytest.mark.slow
+def test_the_log_tells_the_warm_up_the_ready_and_the_drained_moments_and_the_process_exits_after(
+    tmp_path: Path,
+) -> None:
+    with tiny_server(tmp_path, "--log-format", "text") as (url, server):
+        answer = httpx.post(f"{url}/v1/classify", content=RED, headers={"Content-Type": "image/png"})
+        assert answer.status_code == 200
+        server.process.send_signal(signal.SIGTERM)
+        output = server.wait(timeout_s=60)
+    assert server.process.returncode == 0, output
+    lines = [line for line in output.splitlines() if re.match(r"\d{4}-\d\d-\d\d ", line)]  # not tracebacks
+    assert lines and all(f" [{server.process.pid}] " in line for line in lines)  # which process, in every line
+
+    def first(text: str) -> int:
+        return next(i for i, line in enumerate(lines) if text in line)
+
+    assert first("warming up 'tiny': timing a batch of 1") < first("ready: 'tiny' warm in")
+    assert first("ready: 'tiny' warm in") < first("POST /v1/classify 200") < first("SIGTERM: draining")
+    assert first("SIGTERM: draining") < first("drained: every accepted request answered") < len(lines)
+    assert "Finished server process" in lines[-1] or "exiting now" in lines[-1]  # nothing logged after: it exited
+
+
+ABANDONED_WORK = """
+import logging, sys, threading
+from app.serve.server import _exit_without_abandoned_work
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+never = threading.Event()
+threading.Thread(target=never.wait, name="infer-abandoned").start()  # not a daemon: the interpreter would join it
+_exit_without_abandoned_work()
+print("not reached")
+"""
+
+
+@pytest.mark.slow
+def test_after_the_drain_a_thread_still_computing_does_not_hold_the_exit() -> None:
+    """A CPU forward of a batch whose requests all timed out can outlive the drain; the process says so and exits."""
+    done = subprocess.run([sys.executable, "-c", ABANDONED_WORK], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "exiting now, dropping the work still running in infer-abandoned" in done.stderr
+    assert "not reached" not in done.stdout

@@ -69,3 +69,19 @@ def test_help_lists_the_command_and_every_setting(capsys: pytest.CaptureFixture[
     text = capsys.readouterr().out
     for name in Settings.model_fields:
         assert f"--{name.replace('_', '-')}" in text
+
+
+def test_serve_help_shows_each_default_as_a_value_and_each_environment_variable(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["serve", "--help"])
+    assert caught.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # as one line: argparse wraps help at the terminal's width
+    assert "(default: vit_b_16) [env: VIT_MODEL]" in text
+    assert "--max-queue-size N" in text and "(default: 256) [env: VIT_MAX_QUEUE_SIZE]" in text
+    assert "(default: off) [env: VIT_COMPILE]" in text
+    for artefact in ("default factory", "<lambda>", "null", "list[str]"):
+        assert artefact not in text
+    for name in Settings.model_fields:
+        assert f"[env: VIT_{name.upper()}]" in text

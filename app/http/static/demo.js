@@ -8,9 +8,10 @@ const KEY_STORAGE = "vit-serve.api-key";
 const $ = (id) => document.getElementById(id);
 
 class ApiError extends Error {
-  constructor(status, message) {
+  constructor(status, message, code) {
     super(message);
     this.status = status;
+    this.code = code; // the server's machine-readable code, when it sent one
   }
 }
 
@@ -43,14 +44,14 @@ function askForKey(message) {
   return keyRequest;
 }
 
-async function errorMessage(response) {
+async function apiError(response) {
   try {
     const body = await response.json();
-    if (body && typeof body.error === "string") return body.error;
+    if (body && typeof body.error === "string") return new ApiError(response.status, body.error, body.code);
   } catch (_) {
     // not JSON (a proxy's error page, say): the status line says enough
   }
-  return `${response.status} ${response.statusText}`.trim();
+  return new ApiError(response.status, `${response.status} ${response.statusText}`.trim());
 }
 
 // fetch `path` with the key; on 401 ask for a key and try again. Resolves to the JSON body, the response and the
@@ -63,10 +64,10 @@ async function call(path, init = {}) {
     const started = performance.now();
     const response = await fetch(path, { ...init, headers });
     if (response.status === 401) {
-      await askForKey(await errorMessage(response));
+      await askForKey((await apiError(response)).message);
       continue;
     }
-    if (!response.ok) throw new ApiError(response.status, await errorMessage(response));
+    if (!response.ok) throw await apiError(response);
     const body = await response.json();
     return { body, response, roundTripMs: performance.now() - started };
   }
@@ -82,14 +83,27 @@ async function loadModels() {
       ...body.models.map((model) => {
         const option = new Option(model.ready ? model.name : `${model.name} (not ready)`, model.name);
         option.dataset.numClasses = String(model.num_classes);
+        option.dataset.weights = model.weights;
         option.selected = model.name === body.default;
         return option;
       }),
     );
     select.disabled = false;
+    showNotice();
   } catch (error) {
     showError(error);
   }
+}
+
+// A model serving random weights (a smoke test: VIT_WEIGHTS=random) answers with meaningless classes: say so.
+function showNotice() {
+  const option = $("model").selectedOptions[0];
+  const notice = $("notice");
+  notice.hidden = option?.dataset.weights !== "random";
+  notice.textContent = notice.hidden
+    ? ""
+    : `${option.value} serves random weights: its classes and scores are meaningless. ` +
+      "Start the server with the model's trained weights for real predictions.";
 }
 
 // --- one image: classify and explain in parallel; the explanation never holds up or breaks the bars ---
@@ -116,29 +130,33 @@ async function run(file) {
   const model = encodeURIComponent(select.value);
   const topK = Math.min(TOP_K, Number(select.selectedOptions[0]?.dataset.numClasses) || TOP_K);
 
-  if (previewUrl) URL.revokeObjectURL(previewUrl);
-  previewUrl = URL.createObjectURL(file);
-  $("preview").src = previewUrl;
+  // The results stay hidden until the image is classified: a file the server refuses shows one message, and no
+  // preview, empty heading or explanation beside it.
+  $("results").hidden = true;
   $("bars").replaceChildren();
   $("latency").textContent = "";
   $("overlay").hidden = true;
   $("overlay").removeAttribute("src");
   $("overlay-message").textContent = "Looking at where the model attends…";
-  $("results").hidden = false;
   showError(null);
-  $("status").textContent = "Classifying…";
+  $("status").textContent = `Classifying ${file.name}…`;
 
   const current = () => mine === generation;
   call(`v1/models/${model}/classify?top_k=${topK}&logits=false`, post(file))
-    .then((result) => current() && showClassification(result))
-    .catch((error) => current() && showError(error))
+    .then((result) => current() && showClassification(result, file))
+    .catch((error) => current() && showError(error, file))
     .finally(() => current() && ($("status").textContent = ""));
   call(`v1/models/${model}/explain?top_k=${topK}&overlay=true`, post(file))
     .then((result) => current() && showOverlay(result.body))
     .catch((error) => current() && showNoOverlay(error.message));
 }
 
-function showClassification({ body, response, roundTripMs }) {
+function showClassification({ body, response, roundTripMs }, file) {
+  if (previewUrl) URL.revokeObjectURL(previewUrl);
+  previewUrl = URL.createObjectURL(file);
+  $("preview-figure").hidden = false;
+  $("preview").src = previewUrl;
+  $("results").hidden = false;
   const top = body.predictions[0].top_k;
   $("bars").replaceChildren(...top.map(bar));
   const server = serverTimeMs(response.headers.get("Server-Timing"));
@@ -194,8 +212,17 @@ function showNoOverlay(message) {
   $("overlay-message").textContent = `No explanation: ${message}`;
 }
 
-function showError(error) {
-  $("error").textContent = error ? error.message : "";
+// "This file is not an image the model can read" (415: not an image type or format; invalid_image: one that does not
+// decode), said for a person, without the API's advice on request headers (this page sets them).
+function showError(error, file) {
+  if (!error) {
+    $("error").textContent = "";
+  } else if (file && (error.status === 415 || error.code === "invalid_image")) {
+    const detail = error.code === "invalid_image" ? ` (${error.message})` : "";
+    $("error").textContent = `${file.name} is not an image the model can read${detail}. Choose a photo: JPEG, PNG, WebP…`;
+  } else {
+    $("error").textContent = error.message;
+  }
 }
 
 // --- input: the file picker, drag and drop, and a change of model ---
@@ -221,7 +248,12 @@ function setUp() {
     event.preventDefault();
     pick(event.dataTransfer?.files);
   });
-  $("model").addEventListener("change", () => currentFile && run(currentFile));
+  $("model").addEventListener("change", () => {
+    showNotice();
+    if (currentFile) run(currentFile);
+  });
+  // A format the server reads but this browser cannot show (TIFF, say): no broken-image icon, the results alone.
+  $("preview").addEventListener("error", () => ($("preview-figure").hidden = true));
   modelsLoaded = loadModels();
 }
 
