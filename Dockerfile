@@ -34,6 +34,8 @@ print('\n'.join(p['dependencies'] + [d for e in extras for d in p['optional-depe
 FROM deps AS build
 COPY README.md ./
 COPY app ./app
+# The client package (vit-serve-client, clients/python), which the vit-serve wheel includes.
+COPY clients/python/vit_serve_client ./clients/python/vit_serve_client
 RUN pip wheel --no-deps --wheel-dir /wheels . \
  && pip install --no-deps /wheels/*.whl
 

@@ -18,7 +18,7 @@ out=${1:-${OUT:-gpu-check}}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   >"$out/install.log" 2>&1 || { echo "wheel install failed"; cat "$out/install.log"; exit 1; }
-export PYTHONPATH=$PWD:/tmp/site
+export PYTHONPATH=$PWD:$PWD/clients/python:/tmp/site  # the server, its client package (clients/python), the wheels
 export VIT_TEST_PHOTOS=$PWD/.whl/photos
 pa=/tmp/site/perf_analyzer/bin/perf_analyzer
 

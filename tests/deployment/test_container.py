@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.dockerfile import DOCKERFILE, healthcheck_command, stages
-from tests.processes import tiny_server_process
+from tests.support.dockerfile import DOCKERFILE, healthcheck_command, stages
+from tests.support.processes import tiny_server_process
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
+@pytest.mark.slow
 def test_hadolint_passes_with_no_warnings() -> None:
     result = subprocess.run(
         [BIN / "hadolint", "--no-color", str(DOCKERFILE)], capture_output=True, text=True, check=False
@@ -76,8 +77,14 @@ def test_the_build_context_has_what_the_image_copies_and_nothing_else() -> None:
         for name, args in stage
         if name == "COPY" and not args.startswith("--from")
     ]
-    assert set(copied) == {"pyproject.toml", "README.md", "app", "models"}
-    for path in ("pyproject.toml", "README.md", "app/engine/facade.py", "models/vit_b_16/model.toml"):
+    assert set(copied) == {"pyproject.toml", "README.md", "app", "clients/python/vit_serve_client", "models"}
+    for path in (
+        "pyproject.toml",
+        "README.md",
+        "app/engine/facade.py",
+        "clients/python/vit_serve_client/predict.py",
+        "models/vit_b_16/model.toml",
+    ):
         assert in_build_context(path), path
     for path in (
         ".venv/bin/python",
@@ -85,6 +92,7 @@ def test_the_build_context_has_what_the_image_copies_and_nothing_else() -> None:
         "tests/test_api.py",
         "bench/perf_analyzer.sh",
         "app/__pycache__/x.pyc",
+        "clients/python/vit_serve_client/__pycache__/x.pyc",
     ):
         assert not in_build_context(path), path
 

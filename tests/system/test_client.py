@@ -1,14 +1,10 @@
-"""The client library and `vit-serve predict`: retries and their bounds against scripted answers, then a real server
-process with a folder of generated and real images, bad files among them."""
+"""The client library (vit-serve-client): retries and their bounds against scripted answers, then a real server
+process."""
 
 from __future__ import annotations
 
 import asyncio
-import csv
 import io
-import json
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,12 +12,11 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from skimage import data as skdata
 
-from app.client import APIError, AsyncClient, Client, RetryPolicy
-from app.client.images import encode
-from app.client.predict import find_images
-from tests.processes import tiny_server_process
+from tests.support.photos import jpeg, photo
+from tests.support.processes import tiny_server_process
+from vit_serve_client import APIError, AsyncClient, Client, RetryPolicy
+from vit_serve_client.images import encode
 
 OK_BODY = {"model": "m", "predictions": [{"top_k": [{"index": 3, "label": "three", "score": 0.9}]}]}
 NO_WAIT = RetryPolicy(attempts=4, base_delay_s=0, max_delay_s=0)
@@ -73,6 +68,28 @@ def test_an_unreachable_server_is_an_api_error_with_status_0() -> None:
     assert raised.value.status == 0 and "cannot reach" in raised.value.message and len(seen) == 4
 
 
+def test_no_answer_in_time_and_a_broken_connection_have_codes_of_their_own() -> None:
+    def slow(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    def cut(request: httpx.Request) -> httpx.Response:
+        raise httpx.RemoteProtocolError("server disconnected", request=request)
+
+    for answer, code, words in [(slow, "timeout", "no answer in time from"), (cut, "connection_error", "broke off")]:
+        transport, _ = scripted([answer])
+        with Client("http://test", transport=transport, retry=NO_WAIT) as client, pytest.raises(APIError) as raised:
+            client.classify(b"image bytes")
+        assert (raised.value.status, raised.value.code) == (0, code) and words in raised.value.message
+
+
+def test_app_client_is_the_client_distributions_own() -> None:
+    import app.client
+    import vit_serve_client
+
+    assert all(getattr(app.client, name) is getattr(vit_serve_client, name) for name in vit_serve_client.__all__)
+    assert app.client.__all__ == vit_serve_client.__all__
+
+
 def test_a_client_error_is_not_tried_again_and_names_its_image() -> None:
     def bad(request: httpx.Request) -> httpx.Response:
         return httpx.Response(400, json={"error": "cannot decode image", "code": "invalid_image", "index": 1})
@@ -105,7 +122,7 @@ async def test_the_async_client_retries_the_same_way() -> None:
 
 
 def test_images_are_sent_as_given_or_as_lossless_png(tmp_path: Path) -> None:
-    array = skdata.astronaut()[:64, :48]
+    array = photo("astronaut")[:64, :48]
     path = tmp_path / "a.jpg"
     path.write_bytes(b"\xff\xd8 jpeg bytes")
     assert encode(path) == (b"\xff\xd8 jpeg bytes", "image/jpeg")
@@ -118,14 +135,9 @@ def test_images_are_sent_as_given_or_as_lossless_png(tmp_path: Path) -> None:
         encode({"not": "an image"})
 
 
-def jpeg(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
+@pytest.mark.slow
 def test_the_client_against_a_real_server(tmp_path: Path) -> None:
-    chelsea = skdata.chelsea()
+    chelsea = photo("chelsea")
     path = tmp_path / "chelsea.jpg"
     path.write_bytes(jpeg(chelsea))
     with tiny_server_process(tmp_path) as url, Client(url) as client:
@@ -134,6 +146,7 @@ def test_the_client_against_a_real_server(tmp_path: Path) -> None:
         predictions = client.classify([path, jpeg(chelsea), Image.fromarray(chelsea), chelsea], top_k=3, logits=True)
         assert len(predictions) == 4 and all(len(p.top_k) == 3 for p in predictions)
         assert predictions[0] == predictions[1]  # the same bytes, as a path and as bytes
+        assert predictions[2].logits is not None and predictions[3].logits is not None
         np.testing.assert_allclose(predictions[2].logits, predictions[3].logits)  # PIL and numpy: the same PNG
         with pytest.raises(APIError) as raised:
             client.classify([path, b"not an image"])
@@ -154,87 +167,6 @@ def test_the_client_against_a_real_server(tmp_path: Path) -> None:
                 return await aclient.embed([path, chelsea], normalize=True, model="tiny")
 
         np.testing.assert_array_equal(asyncio.run(the_same_awaited()), vectors)
-
-
-def image_folder(root: Path) -> dict[str, str]:
-    """A folder of images to classify, bad ones among them; what each should come to ('ok' or the error's start)."""
-    (root / "photos" / "nested").mkdir(parents=True)
-    expected = {}
-    for name, array in [("chelsea", skdata.chelsea()), ("coffee", skdata.coffee()), ("camera", skdata.camera())]:
-        path = root / "photos" / f"{name}.jpg"
-        path.write_bytes(jpeg(array))
-        expected[str(path)] = "ok"
-    for i in range(7):
-        path = root / "photos" / "nested" / f"generated{i}.png"
-        Image.new("RGB", (40 + i, 30), ((40 * i) % 256, 90, 200)).save(path)
-        expected[str(path)] = "ok"
-    broken = root / "photos" / "broken.jpg"
-    broken.write_bytes(jpeg(skdata.chelsea())[:3000])
-    expected[str(broken)] = "400 invalid_image"
-    text = root / "photos" / "notes.png"
-    text.write_text("not a picture")
-    expected[str(text)] = "415 unsupported_image_format"
-    dangling = root / "photos" / "gone.jpg"
-    dangling.symlink_to(root / "nowhere.jpg")
-    expected[str(dangling)] = "unreadable"
-    (root / "photos" / "README.txt").write_text("skipped: not an image suffix")
-    return expected
-
-
-def predict(url: str, *args: str, progress: bool = False) -> subprocess.CompletedProcess[str]:
-    flags = [] if progress else ["--no-progress"]
-    command = [str(Path(sys.executable).parent / "vit-serve"), "predict", "--url", url, *flags, *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-
-
-def test_predict_a_folder_writes_a_line_per_image_and_fails_only_the_bad_ones(tmp_path: Path) -> None:
-    expected = image_folder(tmp_path)
-    assert len(find_images([tmp_path / "photos"])) == len(expected)
-    output = tmp_path / "out.jsonl"
-    with tiny_server_process(tmp_path) as url:
-        run = predict(url, str(tmp_path / "photos"), "--output", str(output), "--batch", "4", "--top-k", "2")
-        assert run.returncode == 1, run.stderr  # some images failed
-        lines = [json.loads(line) for line in output.read_text().splitlines()]
-        assert sorted(line["path"] for line in lines) == sorted(expected)
-        for line in lines:
-            want = expected[line["path"]]
-            if want == "ok":
-                assert line["error"] is None and len(line["top_k"]) == 2, line
-            else:
-                assert line["error"].startswith(want) and line["top_k"] is None, line
-        assert "13 images: 10 classified, 3 failed, 0 skipped" in run.stderr
-
-        again = predict(url, str(tmp_path / "photos"), "--output", str(output))
-        assert again.returncode == 2 and "exists" in again.stderr  # never overwrites a run's output
-        resumed = predict(url, str(tmp_path / "photos"), "--output", str(output), "--resume")
-        assert "13 images: 0 classified, 3 failed, 10 skipped" in resumed.stderr  # only the failed ones again
-        assert len(output.read_text().splitlines()) == 16
-
-        table = tmp_path / "out.csv"
-        files = [str(tmp_path / "photos" / "chelsea.jpg"), str(tmp_path / "photos" / "notes.png")]
-        assert predict(url, *files, "--output", str(table)).returncode == 1
-        with table.open(newline="") as stream:
-            rows = {row["path"]: row for row in csv.DictReader(stream)}  # lines come in the order images finish
-        assert table.read_text().startswith("path,label,score,top_k,error\n") and len(rows) == 2
-        good, bad = rows[files[0]], rows[files[1]]
-        assert good["label"].startswith("label ") and float(good["score"]) > 0 and not good["error"]
-        assert len(json.loads(good["top_k"])) == 5
-        assert bad["error"].startswith("415 unsupported_image_format") and not bad["label"]
-
-
-def test_predict_rides_out_a_full_queue_with_retries(tmp_path: Path) -> None:
-    """A server that can hold 4 images, 6 clients sending 4 at once: refused with 503, sent again, all answered."""
-    for i in range(48):
-        Image.new("RGB", (64, 64), (i * 5, 100, 50)).save(tmp_path / f"{i}.png")
-    with tiny_server_process(tmp_path, "--max-queue-size", "4", "--max-batch-size", "4") as url:
-        run = predict(url, str(tmp_path), "--batch", "4", "--concurrency", "6", "--attempts", "50", progress=True)
-    assert run.returncode == 0, run.stderr
-    assert len(run.stdout.splitlines()) == 48
-    assert "48/48" in run.stderr and "img/s" in run.stderr  # the progress bar, with its rate
-    summary = run.stderr.strip().splitlines()[-1]
-    assert "48 images: 48 classified, 0 failed" in summary
-    sent_again = int(summary.split("; ")[-1].split()[0])
-    assert sent_again > 0  # the 503s happened, and were retried
 
 
 def test_the_api_key_goes_with_every_request_as_a_bearer_token() -> None:

@@ -47,7 +47,7 @@ class Explanation:
 
 class APIError(Exception):
     """The server said no (its status, code and message, and the offending image's index where it named one), or
-    could not be reached (status 0)."""
+    gave no answer (status 0; code `unreachable`, `timeout` or `connection_error`)."""
 
     def __init__(self, status: int, code: str, message: str, index: int | None = None) -> None:
         super().__init__(f"{status} {code}: {message}" if status else message)

@@ -18,9 +18,9 @@ from typing import Any, Self
 import httpx
 import numpy as np
 
-from app.client.images import ImageLike, encode, name_of
-from app.client.results import APIError, Explanation, Prediction
-from app.client.retry import RetryPolicy
+from vit_serve_client.images import ImageLike, encode, name_of
+from vit_serve_client.results import APIError, Explanation, Prediction
+from vit_serve_client.retry import RetryPolicy
 
 DEFAULT_URL = "http://localhost:8000"
 
@@ -98,10 +98,17 @@ def _headers(api_key: str | None) -> dict[str, str]:
 
 
 def _answer(url: str, response: httpx.Response | None, error: Exception | None) -> httpx.Response:
-    """The last attempt's response, or its connection error as an `APIError` (status 0)."""
+    """The last attempt's response, or its transport error as an `APIError` (status 0): code `unreachable` when no
+    connection could be made, `timeout` when the answer took too long, `connection_error` when it broke off."""
     if response is not None:
         return response
-    raise APIError(0, "unreachable", f"cannot reach {url}: {type(error).__name__}: {error}") from error
+    if isinstance(error, httpx.ConnectError | httpx.ConnectTimeout):
+        code, what = "unreachable", "cannot reach"
+    elif isinstance(error, httpx.TimeoutException):
+        code, what = "timeout", "no answer in time from"
+    else:
+        code, what = "connection_error", "the connection broke off with"
+    raise APIError(0, code, f"{what} {url}: {type(error).__name__}: {error}") from error
 
 
 class Client:
