@@ -14,11 +14,11 @@ import pytest
 import yaml
 
 from app.config.settings import Settings
-from tests.dockerfile import healthcheck_command
+from tests.support.dockerfile import healthcheck_command
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
-SCHEMA = Path(__file__).parent / "data" / "compose-spec.json"
+SCHEMA = Path(__file__).resolve().parents[1] / "data" / "compose-spec.json"
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The Grafana dashboard, the Prometheus scrape config and the README's PromQL: valid, and about metrics that exist."""
+"""The Grafana dashboard, the Prometheus scrape config and the docs' PromQL: valid, and about metrics that exist."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.observability.metrics import CudaMemoryCollector
 from app.observability.worker_metrics import CUDA_MEMORY
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "vit-serve-dashboard.json"
 SCRAPE_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
 METRIC = re.compile(r"\b((?:vit|process)_[a-z_]+)")
@@ -28,8 +28,9 @@ def dashboard_exprs() -> list[str]:
     return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
 
 
-def readme_promql() -> list[str]:
-    blocks = re.findall(r"```promql\n(.*?)```", (REPO / "README.md").read_text(), flags=re.DOTALL)
+def docs_promql() -> list[str]:
+    pages = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+    blocks = [b for page in pages for b in re.findall(r"```promql\n(.*?)```", page.read_text(), flags=re.DOTALL)]
     return [line for block in blocks for line in block.splitlines() if line.strip() and not line.startswith("#")]
 
 
@@ -46,9 +47,9 @@ async def exported_names(client: httpx.AsyncClient) -> set[str]:
     return names | set(CUDA_MEMORY)
 
 
-@pytest.mark.parametrize("source", ["dashboard", "readme"])
+@pytest.mark.parametrize("source", ["dashboard", "docs"])
 async def test_every_query_parses_and_names_only_exported_metrics(source: str, exported_names: set[str]) -> None:
-    exprs = dashboard_exprs() if source == "dashboard" else readme_promql()
+    exprs = dashboard_exprs() if source == "dashboard" else docs_promql()
     assert len(exprs) >= 8
     for expr in exprs:
         concrete = expr

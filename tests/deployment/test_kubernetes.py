@@ -16,9 +16,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.config.settings import Settings
-from tests.kubernetes_schemas import Manifest, render, validate_kserve, validate_kubernetes
+from tests.support.kubernetes_schemas import Manifest, render, validate_kserve, validate_kubernetes
 
-K8S = Path(__file__).resolve().parent.parent / "deploy" / "k8s"
+K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,7 @@ def settings_of(configmap: Manifest) -> Settings:
 
 
 @pytest.mark.parametrize("kustomization", ["base", "overlays/example"])
+@pytest.mark.slow
 def test_every_object_is_valid_at_the_pinned_kubernetes_version(kustomization: str) -> None:
     manifests = render(K8S / kustomization)
     kinds = sorted(manifest["kind"] for manifest in manifests)
@@ -108,6 +109,7 @@ async def test_the_autoscaler_metric_is_served_by_the_adapter_rule_and_exported(
     assert series.name in exported and series.name == "vit_queue_depth"
 
 
+@pytest.mark.slow
 def test_the_example_overlay_patches_image_namespace_settings_and_scale() -> None:
     manifests = {manifest["kind"]: manifest for manifest in render(K8S / "overlays" / "example")}
     assert {manifest["metadata"]["namespace"] for manifest in manifests.values()} == {"vit-serve"}

@@ -15,10 +15,10 @@ from app.engine.facade import Engine
 from app.pipeline.gpu_decode import decode_jpegs, preprocess_decoded, probe_jpeg
 from app.runtime.lanes import Lane
 from app.runtime.runner import EagerForward, Forward, GraphedForward, batch_buckets, build_forward, compile_module
-from tests.conftest import serve_in_process
-from tests.fakes import tiny_vit, write_model_folder
-from tests.lanes import PRESET, preset_lane, preset_pixels
-from tests.photos import photo_jpegs
+from tests.support.fakes import tiny_vit, write_model_folder
+from tests.support.inprocess import serve_in_process
+from tests.support.lanes import PRESET, preset_lane, preset_pixels
+from tests.support.photos import photo_jpegs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -19,6 +19,7 @@ def run(tmp_path: Path, *extra: str) -> dict[str, Any]:
     return result
 
 
+@pytest.mark.slow
 def test_cpu_matrix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     result = run(tmp_path, "--budget-s", "60")
     assert result["benchmark"] == "gpu_raw"
@@ -62,6 +63,7 @@ def test_cpu_matrix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "fp16/eager" in table and "bs2" in table and "needs CUDA" in table
 
 
+@pytest.mark.slow
 def test_budget_skips_cells(tmp_path: Path) -> None:
     result = run(tmp_path, "--budget-s", "0", "--modes", "eager")
     assert result["cells"]

@@ -24,10 +24,10 @@ from app.pipeline.gpu_decode import EncodedJpeg, decode_jpegs, preprocess_decode
 from app.runtime.lanes import Lane
 from app.runtime.memory import images_per_forward
 from app.runtime.runner import BucketedForward, EagerForward, Forward, batch_buckets, bucket_for, compile_module
-from tests.conftest import serve_in_process
-from tests.fakes import CPU_ACCELERATION, FakeViT, fake_engine, fake_served_model, tiny_vit, write_model_folder
-from tests.lanes import PRESET, preset_lane, preset_pixels
-from tests.photos import jpeg, photo, photo_jpegs
+from tests.support.fakes import CPU_ACCELERATION, FakeViT, fake_engine, fake_served_model, tiny_vit, write_model_folder
+from tests.support.inprocess import serve_in_process
+from tests.support.lanes import PRESET, preset_lane, preset_pixels
+from tests.support.photos import jpeg, photo, photo_jpegs
 
 CPU = torch.device("cpu")
 cpu_pixels = preset_pixels
@@ -74,6 +74,7 @@ def test_a_bucketed_compiled_forward_pads_and_answers_each_size_as_the_module_do
             torch.testing.assert_close(forward(images[:size]), expected[:size], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_inductor_compiles_every_bucket_in_the_warm_up_and_never_while_serving() -> None:
     torch._dynamo.reset()
     model = tiny_vit()

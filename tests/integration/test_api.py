@@ -14,8 +14,8 @@ from PIL import Image
 
 from app.config.settings import BatchingConfig, Settings
 from app.engine.facade import Limits
-from tests.conftest import ClientFactory, serve_in_process
-from tests.fakes import (
+from app.pipeline.image_scan import ImageLimits
+from tests.support.fakes import (
     FAKE_CLASSES,
     FakeViT,
     distinct_colors,
@@ -23,8 +23,9 @@ from tests.fakes import (
     fake_served_model,
     image_bytes,
     served_model_of,
-    wait_until,
 )
+from tests.support.inprocess import ClientFactory, serve_in_process
+from tests.support.waiting import wait_until
 
 RED = image_bytes((255, 0, 0))
 
@@ -112,7 +113,12 @@ async def test_named_model_route_and_several_models() -> None:
         assert [m["name"] for m in models["models"]] == ["a", "b"]
         info = (await client.get("/v1/models/b")).json()
         assert info["num_classes"] == 3 and info["ready"] is True and info["input_size"] == [3, 32, 32]
-        assert info["batching"] == {"max_batch_size": 8, "max_queue_delay_ms": 2.0, "max_queue_size": 64}
+        assert info["batching"] == {
+            "max_batch_size": 8,
+            "max_queue_delay_ms": 2.0,
+            "max_queue_size": 64,
+            "max_queue_bytes": 64 * 2**20,
+        }
 
 
 # -- batching -----------------------------------------------------------------------------------------------
@@ -162,7 +168,7 @@ async def test_requests_arriving_together_at_an_idle_model_share_one_batch(serve
 
 def _direct_for(model: FakeViT, data: bytes) -> np.ndarray:
     served = fake_served_model(module=model)
-    return _direct(model, served.prepare(data, 10**8))
+    return _direct(model, served.prepare(data, ImageLimits(max_pixels=10**8)))
 
 
 # -- errors, each followed by a good request to prove nothing else broke ------------------------------------
@@ -271,7 +277,7 @@ async def test_unknown_path_and_method_use_the_error_shape(client: httpx.AsyncCl
 
 async def test_limits_on_body_images_and_pixels(serve: ClientFactory) -> None:
     settings = Settings(max_body_bytes=20_000)
-    limits = Limits(max_images_per_request=2, max_image_pixels=100 * 100, request_timeout_s=30)
+    limits = Limits(max_images_per_request=2, request_timeout_s=30, image=ImageLimits(max_pixels=100 * 100))
     async with serve(fake_engine(limits=limits), settings) as client:
         big = image_bytes((1, 2, 3), size=(101, 100))
         response = await post_image(client, big)
@@ -322,7 +328,7 @@ async def test_a_full_queue_answers_503_with_retry_after_at_once(serve: ClientFa
 
 async def test_a_request_past_its_deadline_gets_504_and_its_image_is_never_computed(serve: ClientFactory) -> None:
     model = FakeViT()
-    limits = Limits(max_images_per_request=4, max_image_pixels=10**6, request_timeout_s=0.2)
+    limits = Limits(max_images_per_request=4, request_timeout_s=0.2, image=ImageLimits(max_pixels=10**6))
     batching = BatchingConfig(max_batch_size=1, max_queue_delay_ms=0, max_queue_size=8)
     async with serve(fake_engine(fake_served_model(module=model, batching=batching), limits=limits)) as client:
         model.batch_sizes.clear()

@@ -10,8 +10,8 @@ import pytest
 from pydantic import ValidationError
 
 from app.config.settings import Settings
-from tests.conftest import ClientFactory
-from tests.fakes import fake_engine, image_bytes
+from tests.support.fakes import fake_engine, image_bytes
+from tests.support.inprocess import ClientFactory
 
 RED = image_bytes((255, 0, 0))
 KEYS = "old-key-0123456789,new-key-9876543210"

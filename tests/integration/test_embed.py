@@ -16,13 +16,15 @@ from torch import nn
 
 from app.config.settings import Settings
 from app.engine.facade import Engine
+from app.pipeline.image_scan import ImageLimits
 from app.pipeline.preprocess import PreprocessParams, build_preprocessor
-from app.sources.embedding import with_embedding
-from app.sources.hf_models import LogitsOf
-from tests.conftest import serve_in_process
-from tests.fakes import fake_engine, tiny_vit, write_model_folder
-from tests.photos import photo_jpegs
-from tests.test_loading import reference_logits
+from app.sources.hf_models import HuggingFaceSource, LogitsOf
+from app.sources.timm_models import TimmSource
+from app.sources.torchvision_models import TorchvisionSource
+from tests.integration.test_loading import reference_logits
+from tests.support.fakes import fake_engine, tiny_vit, write_model_folder
+from tests.support.inprocess import serve_in_process
+from tests.support.photos import photo_jpegs
 
 SIZE = 32
 
@@ -42,7 +44,7 @@ def encoder_output(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
 def preprocessed(data: bytes) -> torch.Tensor:
     from app.pipeline.decode import decode
 
-    return build_preprocessor(PreprocessParams.for_image_size(SIZE))(decode(data, max_pixels=10**8))
+    return build_preprocessor(PreprocessParams.for_image_size(SIZE))(decode(data, limits=ImageLimits(max_pixels=10**8)))
 
 
 @pytest.fixture
@@ -172,7 +174,7 @@ def test_hf_and_timm_embeddings_are_what_their_libraries_give() -> None:
     )
     hf = transformers.ViTForImageClassification(config).eval()
     pixels = torch.randn(3, 3, SIZE, SIZE)
-    wrapped = with_embedding(LogitsOf(hf), SIZE)
+    wrapped = HuggingFaceSource().split_head(LogitsOf(hf), SIZE)
     assert wrapped is not None and wrapped.dim == 32
     with torch.inference_mode():
         out = wrapped(pixels)
@@ -183,7 +185,7 @@ def test_hf_and_timm_embeddings_are_what_their_libraries_give() -> None:
 
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=SIZE, patch_size=8)
     model.eval()
-    wrapped = with_embedding(model, SIZE)
+    wrapped = TimmSource().split_head(model, SIZE)
     assert wrapped is not None and wrapped.dim == model.num_features
     with torch.inference_mode():
         out = wrapped(pixels)
@@ -194,4 +196,6 @@ def test_hf_and_timm_embeddings_are_what_their_libraries_give() -> None:
 
 
 def test_a_module_whose_head_is_unknown_is_served_without_embeddings() -> None:
-    assert with_embedding(nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 4)), SIZE) is None
+    module = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 4))
+    for source in (TorchvisionSource(), HuggingFaceSource(), TimmSource()):
+        assert source.split_head(module, SIZE) is None

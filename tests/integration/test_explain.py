@@ -13,9 +13,9 @@ from PIL import Image
 
 from app.config.settings import Settings
 from app.engine.facade import Engine
-from tests.conftest import serve_in_process
-from tests.fakes import fake_engine, steered_vit, tiny_vit, write_model_folder
-from tests.photos import photo_jpegs
+from tests.support.fakes import fake_engine, steered_vit, tiny_vit, write_model_folder
+from tests.support.inprocess import serve_in_process
+from tests.support.photos import photo_jpegs
 
 SIZE = 32  # patch 8: a 4x4 grid
 

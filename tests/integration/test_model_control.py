@@ -14,10 +14,11 @@ from tritonclient.utils import InferenceServerException
 
 from app.config.settings import Settings
 from app.engine.facade import Engine
-from tests.conftest import serve_in_process
-from tests.fakes import tiny_vit, wait_until, write_model_folder
-from tests.photos import photo_jpegs
-from tests.processes import tiny_server_process
+from tests.support.fakes import tiny_vit, write_model_folder
+from tests.support.inprocess import serve_in_process
+from tests.support.photos import photo_jpegs
+from tests.support.processes import tiny_server_process
+from tests.support.waiting import wait_until
 
 KEY = "control-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

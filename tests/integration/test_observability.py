@@ -14,16 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.config.settings import BatchingConfig
 from app.observability.logs import JsonFormatter, TextFormatter
-from tests.conftest import ClientFactory
-from tests.fakes import (
-    FakeViT,
-    distinct_colors,
-    fake_engine,
-    fake_served_model,
-    image_bytes,
-    served_model_of,
-    wait_until,
-)
+from tests.support.fakes import FakeViT, distinct_colors, fake_engine, fake_served_model, image_bytes, served_model_of
+from tests.support.inprocess import ClientFactory
+from tests.support.waiting import wait_until
 
 RED = image_bytes((255, 0, 0))
 PNG = {"Content-Type": "image/png"}

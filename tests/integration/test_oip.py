@@ -10,9 +10,9 @@ import numpy as np
 import orjson
 import pytest
 
+from app.pipeline.image_scan import ImageLimits
 from app.protocols.oip.tensors import pack_bytes, unpack_bytes
-from tests.conftest import ClientFactory
-from tests.fakes import (
+from tests.support.fakes import (
     FAKE_CLASSES,
     FAKE_IMAGE_SIZE,
     FakeViT,
@@ -21,6 +21,7 @@ from tests.fakes import (
     fake_served_model,
     image_bytes,
 )
+from tests.support.inprocess import ClientFactory
 
 RED = image_bytes((255, 0, 0))
 IMAGES = [image_bytes(c) for c in distinct_colors(3)]
@@ -158,7 +159,8 @@ async def test_binary_data_output_applies_to_every_output(client: httpx.AsyncCli
 
 async def test_pixels_model_takes_preprocessed_tensors_binary_and_json(client: httpx.AsyncClient) -> None:
     served = fake_served_model()
-    tensors = np.stack([served.prepare(i, 10**8).numpy() for i in IMAGES])  # what /v1 would feed the model
+    limits = ImageLimits(max_pixels=10**8)
+    tensors = np.stack([served.prepare(i, limits).numpy() for i in IMAGES])  # what /v1 would feed the model
     spec = {"name": "PIXELS", "shape": list(tensors.shape), "datatype": "FP32"}
     data = tensors.astype("<f4").tobytes()
     binary_spec = {**spec, "parameters": {"binary_data_size": len(data)}}

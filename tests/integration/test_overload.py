@@ -10,16 +10,9 @@ import httpx
 import pytest
 
 from app.config.settings import BatchingConfig, Settings
-from tests.conftest import ClientFactory
-from tests.fakes import (
-    FakeViT,
-    distinct_colors,
-    fake_engine,
-    fake_served_model,
-    image_bytes,
-    served_model_of,
-    wait_until,
-)
+from tests.support.fakes import FakeViT, distinct_colors, fake_engine, fake_served_model, image_bytes, served_model_of
+from tests.support.inprocess import ClientFactory
+from tests.support.waiting import wait_until
 
 BATCH, QUEUE = 4, 16
 OFFERED = 4 * QUEUE  # four times what the queue holds, all at once

@@ -6,7 +6,6 @@ import asyncio
 import io
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -18,8 +17,9 @@ from torchvision.models.vision_transformer import VisionTransformer
 from app.config.settings import AccelerationConfig, BatchingConfig
 from app.engine.facade import Engine, Limits
 from app.engine.served_model import ServedModel
+from app.pipeline.image_scan import ImageLimits
 from app.pipeline.preprocess import PreprocessParams, build_preprocessor
-from app.sources.loading import LoadedModel
+from app.sources.base import LoadedModel, Preprocessing
 
 FAKE_IMAGE_SIZE = 32
 FAKE_CLASSES = 10
@@ -95,8 +95,15 @@ def fake_served_model(
     loaded = LoadedModel(
         module=module,
         labels=[f"class{i}" for i in range(num_classes)],
-        preprocessor=build_preprocessor(FAKE_PREPROCESS),
-        preprocess_info=FAKE_PREPROCESS.as_dict(),
+        preprocessing=Preprocessing(
+            build_preprocessor(FAKE_PREPROCESS),
+            FAKE_PREPROCESS.as_dict(),
+            mean=FAKE_PREPROCESS.mean,
+            std=FAKE_PREPROCESS.std,
+            takes_tensors=True,
+            resize_side=FAKE_PREPROCESS.resize_size,
+            jpeg_draft=True,
+        ),
         image_size=FAKE_IMAGE_SIZE,
         weights_source="fake",
         num_params=module.weight.numel(),
@@ -115,7 +122,7 @@ def fake_served_model(
 def fake_engine(*models: ServedModel, limits: Limits | None = None) -> Engine:
     return Engine(
         list(models) or [fake_served_model()],
-        limits=limits or Limits(max_images_per_request=16, max_image_pixels=1_000_000, request_timeout_s=30),
+        limits=limits or Limits(16, request_timeout_s=30, image=ImageLimits(max_pixels=1_000_000)),
         decode_workers=2,
     )
 
@@ -207,10 +214,3 @@ def write_model_folder(
         f"mlp_dim = {model.mlp_dim}\n"
     )
     return folder
-
-
-async def wait_until(condition: Callable[[], bool], *, timeout_s: float = 10.0) -> None:
-    """Wait, bounded, for a condition another task or thread makes true (not a timing assumption)."""
-    async with asyncio.timeout(timeout_s):
-        while not condition():  # noqa: ASYNC110 - the condition is set by threads and plain attributes
-            await asyncio.sleep(0.005)

@@ -17,7 +17,7 @@ import yaml
 from kubernetes_validate.utils import schema_contents
 
 KUBERNETES_VERSION = "1.33.0"  # the version every manifest is checked against
-KSERVE_FIELDS = Path(__file__).parent / "data" / "kserve-fields.json"
+KSERVE_FIELDS = Path(__file__).resolve().parents[1] / "data" / "kserve-fields.json"
 
 Manifest = dict[str, Any]
 

@@ -11,9 +11,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.processes import wait_answering
+from tests.support.processes import wait_answering
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 NGINX_CONF = REPO / "deploy" / "nginx" / "nginx.conf"
 PROXY_CONF = REPO / "deploy" / "nginx" / "vit-serve-proxy.conf"
 COMPOSE_SERVER = re.compile(r"^\s*server vit-serve:8000 resolve(?P<params>[^;]*);$", re.MULTILINE)

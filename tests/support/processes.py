@@ -21,7 +21,7 @@ import orjson
 from PIL import Image
 from skimage import data as skdata
 
-from tests.fakes import tiny_vit, write_model_folder
+from tests.support.fakes import tiny_vit, write_model_folder
 
 
 def free_port() -> int:

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.load_balancer import access_log, nginx
-from tests.processes import ServerProcess, drained, free_port, start_tiny, wait_ready, write_tiny_model
+from tests.support.load_balancer import access_log, nginx
+from tests.support.processes import ServerProcess, drained, free_port, start_tiny, wait_ready, write_tiny_model
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 
 from app.config.settings import Settings
 from app.http.app import create_app
-from tests.fakes import fake_engine
-from tests.processes import tiny_server
+from tests.support.fakes import fake_engine
+from tests.support.processes import tiny_server
 
 pytestmark = pytest.mark.slow
 

@@ -9,10 +9,10 @@ import httpx
 import orjson
 import pytest
 
-from tests.processes import chelsea_jpeg, free_port, start, stop, tiny_server_process, wait_ready
+from tests.support.processes import chelsea_jpeg, free_port, start, stop, tiny_server_process, wait_ready
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

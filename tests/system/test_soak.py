@@ -16,9 +16,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.processes import chelsea_jpeg, tiny_server
+from tests.support.processes import chelsea_jpeg, tiny_server
 
-pytestmark = [pytest.mark.soak, pytest.mark.timeout(3600)]
+pytestmark = [pytest.mark.soak, pytest.mark.slow, pytest.mark.timeout(3600)]
 REQUESTS = int(os.environ.get("SOAK_REQUESTS", "20000"))
 WARMUP = REQUESTS // 10
 CLIENTS = 8

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from app.serve import cli
-from tests.fakes import tiny_vit, write_model_folder
+from tests.support.fakes import tiny_vit, write_model_folder
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "models"
 
 
