@@ -12,11 +12,17 @@ CHROMIUM := $(or $(shell command -v chromium 2>/dev/null),/usr/bin/chromium)
 WRK := $(or $(shell command -v wrk 2>/dev/null),/usr/bin/wrk)
 STAMP_BENCH := $(VENV)/.installed-bench
 
-.PHONY: run test soak bench lint audit clean
+.PHONY: run test soak bench lint audit docs clean
+
+# PyPI's torch for Linux x86_64 is the CUDA build: of a 5.4 GiB venv, 4.0 GiB are CUDA libraries and triton
+# (measured: bench/results/2026-12-01-first-answer-amd-epyc-2core.md). A machine without a GPU can install PyTorch's
+# CPU build first: `make run TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu`.
+TORCH_INDEX_URL ?=
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX_URL),$(BIN)/python -m pip install --quiet --index-url $(TORCH_INDEX_URL) torch torchvision)
 
 $(STAMP_RUN): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
@@ -49,10 +55,12 @@ run: $(STAMP_RUN)
 	$(BIN)/vit-serve serve
 
 test: $(STAMP_TEST) $(NGINX) $(CHROMIUM)
-	$(BIN)/ruff check app tests bench
-	$(BIN)/ruff format --check app tests bench
+	$(BIN)/ruff check app clients tests bench docs/hooks
+	$(BIN)/ruff format --check app clients tests bench docs/hooks
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	site=$$(mktemp -d) && NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $$site; \
+	  status=$$?; rm -rf $$site; exit $$status
 	$(BIN)/python -m pytest -q
 
 # 20,000 mixed requests against a real server: memory, file descriptors and threads must stay flat (a few minutes).
@@ -65,8 +73,8 @@ bench: $(STAMP_BENCH) $(WRK)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 lint: $(STAMP_TEST)
-	$(BIN)/ruff check app tests bench
-	$(BIN)/ruff format --check app tests bench
+	$(BIN)/ruff check app clients tests bench docs/hooks
+	$(BIN)/ruff format --check app clients tests bench docs/hooks
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
@@ -75,5 +83,9 @@ audit: $(STAMP_TEST)
 	$(BIN)/python -m pip install --quiet pip-audit
 	$(BIN)/pip-audit --skip-editable --strict
 
+# The documentation site (docs/, mkdocs-material) with live reload, on a port beside the service's 8000.
+docs: $(STAMP_TEST)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve -a 127.0.0.1:8001
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site
