@@ -27,10 +27,13 @@ from bench.run import drain, free_port, machine, post, stop, wait_answering, wrk
 from bench.workload import write  # noqa: E402
 
 
-def measure(tree: Path, work: Path, body: Path, levels: list[int], seconds: int, flags: list[str]) -> dict[int, dict]:
+def measure(
+    tree: Path, work: Path, body: Path, levels: list[int], seconds: int, flags: list[str]
+) -> dict[int, dict[str, float]]:
     """One version at every level: (req/s, p50 ms) after a warm-up and a drain, like `make bench`."""
     port = free_port()
-    command = [sys.executable, "-m", "app.serve.cli", "serve", "--model-repository", str(work / "models")]
+    entry = "app.serve.cli" if (tree / "app" / "serve" / "cli.py").exists() else "app.cli"  # before the layers
+    command = [sys.executable, "-m", entry, "serve", "--model-repository", str(work / "models")]
     command += ["--model", "mtiny", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *flags]
     process = subprocess.Popen(
         command, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True

@@ -6,8 +6,10 @@ predict` and `--help` start at once.
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 
 from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand, SettingsConfigDict
@@ -97,12 +99,21 @@ def main(argv: list[str] | None = None) -> None:
         from vit_serve_client.cli import predict
 
         sys.exit(predict(args[1:]))
+    if args[:1] == ["serve"]:
+        # Until the server (or the workers' supervisor) installs its own handler, once the models are loaded, nothing
+        # has been accepted: SIGTERM is a clean stop, not a death by signal (a pod deleted while it starts).
+        signal.signal(signal.SIGTERM, _stop_before_serving)
     try:
         CliApp.run(VitServe, cli_args=args, cli_settings_source=HandWrittenHelp(VitServe, commands=[Serve, Download]))
     except ValidationError as exc:
         sys.exit(f"vit-serve: invalid setting: {describe_validation_error(exc)}")
     except ModelLoadError as exc:
         sys.exit(f"vit-serve: {exc}")
+
+
+def _stop_before_serving(signum: int, frame: FrameType | None) -> None:
+    print("vit-serve: SIGTERM before serving: stopped", file=sys.stderr)
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":

@@ -243,3 +243,39 @@ def test_after_the_drain_a_thread_still_computing_does_not_hold_the_exit() -> No
     assert done.returncode == 0, done.stderr
     assert "exiting now, dropping the work still running in infer-abandoned" in done.stderr
     assert "not reached" not in done.stdout
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_model_loads_is_a_clean_stop(tmp_path: Path) -> None:
+    """Before the server installs its handler (the model still loading), nothing was accepted: SIGTERM exits 0.
+
+    The labels file is a FIFO: the process blocks in its open() until a writer comes, so the signal lands while the
+    model loads, for certain (the test knows it is there when its own non-blocking open for writing succeeds).
+    """
+    import errno
+    import os
+
+    from tests.support.processes import free_port, start_tiny, write_tiny_model
+
+    write_tiny_model(tmp_path)
+    labels = tmp_path / "tiny" / "labels.txt"
+    labels.unlink()
+    os.mkfifo(labels)
+    server = start_tiny(tmp_path, free_port())
+    writer = -1
+    try:
+        deadline = time.monotonic() + 120
+        while writer < 0:
+            try:
+                writer = os.open(labels, os.O_WRONLY | os.O_NONBLOCK)  # succeeds once the server has it open to read
+            except OSError as exc:
+                assert exc.errno == errno.ENXIO and server.process.poll() is None, server.output()
+                assert time.monotonic() < deadline, "the server never opened its labels"
+                time.sleep(0.01)
+        server.process.send_signal(signal.SIGTERM)
+        output = server.wait(timeout_s=60)
+    finally:
+        if writer >= 0:
+            os.close(writer)
+    assert server.process.returncode == 0, output
+    assert "SIGTERM before serving: stopped" in output
