@@ -9,5 +9,5 @@ fetch=${FETCH_WHEELS:-../shared/device/fetch-wheels.sh}
 "$fetch" httptools uvloop pytest-asyncio pytest-timeout safetensors >/dev/null
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --platform manylinux_2_38_x86_64 perf-analyzer==2.60.0 -d .whl
-PYTHONPATH=$root "${PYTHON:-.venv/bin/python}" -c 'import pathlib, tests.photos as p; p.export(pathlib.Path(".whl/photos"))'
+PYTHONPATH=$root "${PYTHON:-.venv/bin/python}" -c 'import pathlib, tests.support.photos as p; p.export(pathlib.Path(".whl/photos"))'
 du -sh .whl

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (issue 11): one run on a GPU host with PyTorch preinstalled and no network, bounded by its steps'
 # limits to about 8.5 minutes (the run of 2026-11-27 07:51, with 2 workers where 8 are now, took 433 s):
-#   1. the GPU tests (tests/test_gpu.py, and tests/test_acceleration.py and tests/test_workers.py on that host),
+#   1. the GPU tests (tests/gpu/test_gpu.py, and test_acceleration.py and test_workers.py on that host),
 #   2. where a batch of 1920x1280 JPEGs spends its time on the device (bench/gpu_stages.py),
 #   3. raw ViT-B/16 throughput, fp16 eager and graphs first (what the service's ratio needs), then the rest as the
 #      budget allows, checked against fp32,
@@ -37,11 +37,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
 if [[ -n ${QUICK:-} ]]; then  # a lease of a few minutes: the service's targets and numerics first, then the tests
   step gpu_serve 130 python3 bench/gpu_serve.py --out "$out" --duration 4 --warmup 1 --quick
   step gpu_raw 40 python3 bench/gpu_raw.py --out "$out" --budget-s 25 --dtypes fp16 --modes graphs
-  step pytest 60 python3 -m pytest -q -p no:cacheprovider -o filterwarnings=default -o addopts= -s tests/test_gpu.py
+  step pytest 60 python3 -m pytest -q -p no:cacheprovider -o filterwarnings=default -o addopts= -s tests/gpu/test_gpu.py
 else
   # test_acceleration's inductor test compiles C++ on the CPU (over 45 s on that host): it runs here, not there.
   step pytest 130 python3 -m pytest -q -p no:cacheprovider -o filterwarnings=default -o addopts= -s \
-    tests/test_gpu.py tests/test_acceleration.py tests/test_workers.py -k "not inductor"
+    tests/gpu/test_gpu.py tests/integration/test_acceleration.py tests/system/test_workers.py -k "not inductor"
   step gpu_stages 30 python3 bench/gpu_stages.py --out "$out"
   step gpu_raw 55 python3 bench/gpu_raw.py --out "$out" --budget-s 35
   step gpu_serve 280 python3 bench/gpu_serve.py --out "$out" --duration 5 --warmup 1.5 --perf-analyzer "$pa"

@@ -32,7 +32,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from bench import loadgen  # noqa: E402
-from tests.photos import jpeg, photo, photo_jpegs  # noqa: E402
+from tests.support.photos import jpeg, photo, photo_jpegs  # noqa: E402
 
 MAX_BATCH = 64
 BASE = 'arch = "vit_b_16"\nweights = "random"\nlabels = "imagenet"\n'

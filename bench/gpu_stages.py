@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ sys.path.insert(0, str(HERE.parent))
 from app.pipeline.gpu_decode import EncodedJpeg, decode_jpegs, preprocess_decoded, probe_jpeg  # noqa: E402
 from app.pipeline.preprocess import PreprocessParams, build_preprocessor  # noqa: E402
 from app.runtime.runner import GraphedForward, batch_buckets  # noqa: E402
-from tests.photos import jpeg, photo  # noqa: E402
+from tests.support.photos import jpeg, photo  # noqa: E402
 
 BATCHES = (1, 16, 64)
 
@@ -83,14 +84,14 @@ def main() -> None:
             pixels = preprocess_decoded(decoded, preset).to(dtype)
             row = {
                 "batch": batch,
-                "decode_ms": timed(lambda images=images: decode_jpegs(images, device), device, args.repeats),
+                "decode_ms": timed(partial(decode_jpegs, images, device), device, args.repeats),
                 "preset_one_at_a_time_ms": timed(
-                    lambda decoded=decoded: preprocess_decoded(decoded, preset, together=False), device, args.repeats
+                    partial(preprocess_decoded, decoded, preset, together=False), device, args.repeats
                 ),
                 "preset_together_ms": timed(
-                    lambda decoded=decoded: preprocess_decoded(decoded, preset, together=True), device, args.repeats
+                    partial(preprocess_decoded, decoded, preset, together=True), device, args.repeats
                 ),
-                "forward_ms": timed(lambda pixels=pixels: forward(pixels), device, args.repeats),
+                "forward_ms": timed(partial(forward, pixels), device, args.repeats),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)

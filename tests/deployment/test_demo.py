@@ -84,7 +84,7 @@ async def test_nothing_else_is_served(client: httpx.AsyncClient, path: str) -> N
 
 
 async def test_with_api_keys_the_page_needs_no_key_and_the_api_still_does(serve: ClientFactory) -> None:
-    async with serve(fake_engine(), Settings(drain_timeout_s=5, api_keys=KEY)) as client:  # type: ignore[arg-type]
+    async with serve(fake_engine(), Settings(drain_timeout_s=5, api_keys=KEY)) as client:
         for path in ("/", "/static/demo.js", "/static/demo.css", "/favicon.ico", *DOCS_FILES):
             assert (await client.get(path)).status_code == 200, path
         assert (await client.get("/v1/models")).status_code == 401

@@ -32,6 +32,7 @@ def kserve() -> dict[str, Manifest]:
 
 
 def container(deployment: Manifest) -> dict[str, Any]:
+    only: dict[str, Any]
     (only,) = deployment["spec"]["template"]["spec"]["containers"]
     return only
 
@@ -102,6 +103,7 @@ async def test_the_autoscaler_metric_is_served_by_the_adapter_rule_and_exported(
     assert rule["name"]["as"] == metric["pods"]["metric"]["name"] == "vit_queue_depth"
     assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
     series = promql_parser.parse(rule["seriesQuery"])
+    assert isinstance(series, promql_parser.VectorSelector)
     query = rule["metricsQuery"].replace("<<.Series>>", "vit_queue_depth")
     query = query.replace("<<.LabelMatchers>>", 'namespace="ml",pod=~"vit-serve-.*"').replace("<<.GroupBy>>", "pod")
     promql_parser.parse(query)  # what the adapter sends Prometheus parses

@@ -31,7 +31,8 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def model_224() -> torch.nn.Module:
-    return tiny_vit(image_size=224, num_classes=1000).to(CUDA)
+    model: torch.nn.Module = tiny_vit(image_size=224, num_classes=1000)
+    return model.to(CUDA)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -153,7 +154,7 @@ def test_the_memory_bound_splits_a_batch_into_forwards_that_fit(tmp_path: Path) 
     assert model.max_images_per_forward == 1  # a millionth of the device holds less than one image's forward
     assert model.buckets == [1]
     images = [torch.randn(3, 224, 224) for _ in range(5)]
-    outputs = model.forward(images)
+    outputs = model.forward(list(images))  # a new list[Prepared]: list[Tensor] is not one (lists are invariant)
     reference = EagerForward(model._loaded.module)
     with torch.inference_mode():
         expected = reference(torch.stack(images).to(CUDA, torch.float16)).float().cpu()

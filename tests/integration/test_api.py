@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+from collections.abc import AsyncIterator
 
 import httpx
 import numpy as np
@@ -22,6 +23,7 @@ from tests.support.fakes import (
     fake_engine,
     fake_served_model,
     image_bytes,
+    prepared_on_cpu,
     served_model_of,
 )
 from tests.support.inprocess import ClientFactory, serve_in_process
@@ -33,7 +35,7 @@ RED = image_bytes((255, 0, 0))
 def _direct(model: FakeViT, tensor: torch.Tensor) -> np.ndarray:
     """What the fake model gives for this preprocessed image when run directly, outside the service."""
     with torch.inference_mode():
-        return (tensor[None].mean(dim=(2, 3)) @ model.weight).numpy()[0]
+        return (tensor[None].mean(dim=(2, 3)) @ model.weight)[0].numpy()
 
 
 async def post_image(
@@ -168,7 +170,7 @@ async def test_requests_arriving_together_at_an_idle_model_share_one_batch(serve
 
 def _direct_for(model: FakeViT, data: bytes) -> np.ndarray:
     served = fake_served_model(module=model)
-    return _direct(model, served.prepare(data, ImageLimits(max_pixels=10**8)))
+    return _direct(model, prepared_on_cpu(served, data, ImageLimits(max_pixels=10**8)))
 
 
 # -- errors, each followed by a good request to prove nothing else broke ------------------------------------
@@ -296,7 +298,7 @@ async def test_limits_on_body_images_and_pixels(serve: ClientFactory) -> None:
         response = await post_image(client, buffer.getvalue())  # Content-Length says it all
         assert (response.status_code, response.json()["code"]) == (413, "body_too_large")
 
-        async def chunks() -> object:  # no Content-Length: counted as it streams
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it streams
             for _ in range(30):
                 yield b"x" * 1000
 

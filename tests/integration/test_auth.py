@@ -97,7 +97,7 @@ async def test_keys_never_reach_the_logs(serve: ClientFactory, caplog: pytest.Lo
 def test_keys_from_a_file_add_to_the_others(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.write_text("# rotated 2026-11\nfile-key-1\n\n  file-key-2  \n")
-    settings = Settings(api_keys="env-key", api_keys_file=keys)  # type: ignore[arg-type]
+    settings = Settings(api_keys="env-key", api_keys_file=keys)
     assert [k.get_secret_value() for k in settings.api_keys] == ["env-key", "file-key-1", "file-key-2"]
 
 

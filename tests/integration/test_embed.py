@@ -17,7 +17,7 @@ from torch import nn
 from app.config.settings import Settings
 from app.engine.facade import Engine
 from app.pipeline.image_scan import ImageLimits
-from app.pipeline.preprocess import PreprocessParams, build_preprocessor
+from app.pipeline.preprocess import Preprocessor, PreprocessParams, build_preprocessor
 from app.sources.hf_models import HuggingFaceSource, LogitsOf
 from app.sources.timm_models import TimmSource
 from app.sources.torchvision_models import TorchvisionSource
@@ -44,7 +44,8 @@ def encoder_output(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
 def preprocessed(data: bytes) -> torch.Tensor:
     from app.pipeline.decode import decode
 
-    return build_preprocessor(PreprocessParams.for_image_size(SIZE))(decode(data, limits=ImageLimits(max_pixels=10**8)))
+    preset: Preprocessor = build_preprocessor(PreprocessParams.for_image_size(SIZE))
+    return preset(decode(data, limits=ImageLimits(max_pixels=10**8)))
 
 
 @pytest.fixture
@@ -170,9 +171,10 @@ def test_hf_and_timm_embeddings_are_what_their_libraries_give() -> None:
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
-        num_labels=7,
     )
-    hf = transformers.ViTForImageClassification(config).eval()
+    config.num_labels = 7
+    hf = transformers.ViTForImageClassification(config)
+    hf.eval()  # type: ignore[no-untyped-call]  # transformers leaves its `eval` override unannotated
     pixels = torch.randn(3, 3, SIZE, SIZE)
     wrapped = HuggingFaceSource().split_head(LogitsOf(hf), SIZE)
     assert wrapped is not None and wrapped.dim == 32
@@ -184,6 +186,7 @@ def test_hf_and_timm_embeddings_are_what_their_libraries_give() -> None:
     torch.testing.assert_close(out[:, 7:], hidden)
 
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=SIZE, patch_size=8)
+    assert isinstance(model, timm.models.VisionTransformer)
     model.eval()
     wrapped = TimmSource().split_head(model, SIZE)
     assert wrapped is not None and wrapped.dim == model.num_features

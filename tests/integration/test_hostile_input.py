@@ -712,8 +712,14 @@ async def test_a_body_that_costs_its_element_count_is_refused_by_the_limits_off_
 
     walked: list[int] = []  # BYTES elements each unpack read: bounded by the limit, never by the body
     unpack = oip_tensors.unpack_bytes
+
+    def counted_unpack(*args: Any, **kwargs: Any) -> list[bytes]:
+        out = unpack(*args, **kwargs)
+        walked.append(len(out))
+        return out
+
     monkeypatch.setattr(module, name, held_parse)
-    monkeypatch.setattr(oip_tensors, "unpack_bytes", lambda *a, **k: walked.append(len(out := unpack(*a, **k))) or out)
+    monkeypatch.setattr(oip_tensors, "unpack_bytes", counted_unpack)
 
     request = asyncio.create_task(client.post(path, content=body, headers=headers))
     assert await asyncio.to_thread(entered.wait, 10)

@@ -54,7 +54,8 @@ def reference_logits(model: torch.nn.Module, data: bytes, params: PreprocessPara
     preset = build_preprocessor(params)
     image = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
     with torch.inference_mode():
-        return model(preset(image)[None]).numpy()[0]
+        logits: torch.Tensor = model(preset(image)[None])
+        return logits[0].numpy()
 
 
 @pytest.mark.parametrize("weights_file", ["weights.pth", "weights.safetensors"])
@@ -108,7 +109,7 @@ def test_weights_override_takes_a_file_relative_to_the_working_directory(
     monkeypatch.chdir(tmp_path)
     config = load_model_config(tmp_path, "tiny", weights_override="other.pth")
     loaded = load_model(config, device=CPU, dtype=torch.float32)
-    assert torch.equal(loaded.module.heads.head.weight, other.heads.head.weight)
+    assert torch.equal(loaded.module.get_parameter("heads.head.weight"), other.heads.head.weight)
     random = load_model(load_model_config(tmp_path, "tiny", weights_override="random"), device=CPU, dtype=torch.float32)
     assert random.weights_source == "random"
 
@@ -119,7 +120,7 @@ def test_a_training_checkpoint_with_a_ddp_prefix_loads(tmp_path: Path) -> None:
     state = {f"module.{k}": v for k, v in model.state_dict().items()}
     torch.save({"model": state, "epoch": 3}, tmp_path / "tiny" / "weights.pth")
     loaded = load_model(load_model_config(tmp_path, "tiny"), device=CPU, dtype=torch.float32)
-    assert torch.equal(loaded.module.heads.head.weight, model.heads.head.weight)
+    assert torch.equal(loaded.module.get_parameter("heads.head.weight"), model.heads.head.weight)
 
 
 def test_bf16_serves_close_to_fp32(tmp_path: Path) -> None:

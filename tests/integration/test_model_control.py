@@ -143,8 +143,8 @@ async def test_a_reload_swaps_the_model_and_loses_no_request(repository: Path) -
 
 async def test_control_errors_are_clear_and_change_nothing(repository: Path) -> None:
     settings = control_settings(repository)
-    broken = write_model_folder(repository, "broken", tiny_vit())
-    (broken / "weights.pth").unlink()  # its model.toml names a weights file that is not there
+    broken_folder = write_model_folder(repository, "broken", tiny_vit())
+    (broken_folder / "weights.pth").unlink()  # its model.toml names a weights file that is not there
     async with serve_in_process(Engine.load(settings), settings) as client:
         no_key = await client.post("/v1/models/third/load")
         assert no_key.status_code == 401

@@ -15,6 +15,8 @@ import torch
 import transformers
 from PIL import Image
 from skimage import data as skdata
+from timm.data.config import resolve_data_config
+from timm.data.transforms_factory import create_transform
 
 from app.config.settings import Settings
 from app.engine.facade import Engine
@@ -43,12 +45,12 @@ def hf_folder(root: Path, name: str, processor: object) -> transformers.ViTForIm
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
-        num_labels=len(LABELS),
         id2label=dict(enumerate(LABELS)),
         label2id={label: i for i, label in enumerate(LABELS)},
     )
-    model = transformers.ViTForImageClassification(config).eval()
-    torch.nn.init.normal_(model.classifier.weight, std=1.0)  # spread the logits out
+    model = transformers.ViTForImageClassification(config)
+    model.eval()  # type: ignore[no-untyped-call]  # transformers leaves its `eval` override unannotated
+    torch.nn.init.normal_(model.get_parameter("classifier.weight"), std=1.0)  # spread the logits out
     folder = root / name
     model.save_pretrained(folder)
     processor.save_pretrained(folder)  # type: ignore[attr-defined]
@@ -90,7 +92,7 @@ async def test_a_hugging_face_folder_serves_what_its_own_pipeline_computes(tmp_p
 async def test_a_timm_model_serves_what_timm_computes(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=len(LABELS)).eval()
-    torch.nn.init.normal_(model.head.weight, std=1.0)
+    torch.nn.init.normal_(model.get_parameter("head.weight"), std=1.0)
     folder = tmp_path / "tiny_timm"
     folder.mkdir()
     torch.save(model.state_dict(), folder / "weights.pth")
@@ -99,7 +101,8 @@ async def test_a_timm_model_serves_what_timm_computes(tmp_path: Path) -> None:
         'arch = "timm:vit_tiny_patch16_224"\nweights = "weights.pth"\nlabels = "labels.txt"\n'
     )
     logits, labels = await served_logits(tmp_path, "tiny_timm")
-    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    data_config = resolve_data_config({}, model=model)  # type: ignore[no-untyped-call]  # timm leaves it unannotated
+    transform = create_transform(**data_config)
     for data, served in zip(photos(), logits, strict=True):
         with torch.inference_mode():
             expected = model(transform(Image.open(io.BytesIO(data)).convert("RGB"))[None])[0].numpy()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import struct
+from collections.abc import Mapping
+from typing import Any
 
 import httpx
 import numpy as np
@@ -20,6 +22,7 @@ from tests.support.fakes import (
     fake_engine,
     fake_served_model,
     image_bytes,
+    prepared_on_cpu,
 )
 from tests.support.inprocess import ClientFactory
 
@@ -27,7 +30,7 @@ RED = image_bytes((255, 0, 0))
 IMAGES = [image_bytes(c) for c in distinct_colors(3)]
 
 
-def binary_request(header: dict[str, object], *chunks: bytes) -> tuple[bytes, dict[str, str]]:
+def binary_request(header: Mapping[str, object], *chunks: bytes) -> tuple[bytes, dict[str, str]]:
     json_part = orjson.dumps(header)
     return json_part + b"".join(chunks), {
         "Content-Type": "application/octet-stream",
@@ -35,14 +38,14 @@ def binary_request(header: dict[str, object], *chunks: bytes) -> tuple[bytes, di
     }
 
 
-def split_binary_response(response: httpx.Response) -> tuple[dict[str, object], bytes]:
+def split_binary_response(response: httpx.Response) -> tuple[dict[str, Any], bytes]:
     length = int(response.headers["inference-header-content-length"])
     return orjson.loads(response.content[:length]), response.content[length:]
 
 
 def image_input(images: list[bytes]) -> tuple[dict[str, object], bytes]:
     data = pack_bytes(images)
-    spec = {
+    spec: dict[str, object] = {
         "name": "IMAGE",
         "shape": [len(images), 1],
         "datatype": "BYTES",
@@ -90,7 +93,7 @@ async def test_binary_images_in_logits_out_equal_v1(client: httpx.AsyncClient) -
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/octet-stream"
     meta, payload = split_binary_response(response)
-    (output,) = meta["outputs"]  # type: ignore[index]
+    (output,) = meta["outputs"]
     assert meta["id"] == "req-7" and meta["model_name"] == "fake" and meta["model_version"] == "1"
     assert output == {
         "name": "LOGITS",
@@ -136,8 +139,8 @@ async def test_classification_extension_gives_value_index_label_best_first(
         strings = [s.decode() for s in unpack_bytes(payload, "LOGITS")]
     else:
         meta = response.json()
-        strings = meta["outputs"][0]["data"]  # type: ignore[index]
-    assert meta["outputs"][0]["datatype"] == "BYTES" and meta["outputs"][0]["shape"] == [3, 3]  # type: ignore[index]
+        strings = meta["outputs"][0]["data"]
+    assert meta["outputs"][0]["datatype"] == "BYTES" and meta["outputs"][0]["shape"] == [3, 3]
     v1 = await client.post("/v1/classify", files=[("f", (f"{i}", b, "image/png")) for i, b in enumerate(IMAGES)])
     for row, prediction in zip(np.array(strings).reshape(3, 3), v1.json()["predictions"], strict=True):
         parts = [s.split(":") for s in row]
@@ -153,14 +156,14 @@ async def test_binary_data_output_applies_to_every_output(client: httpx.AsyncCli
     body, headers = binary_request({"inputs": [spec], "parameters": {"binary_data_output": True}}, data)
     response = await client.post("/v2/models/fake/infer", content=body, headers=headers)
     meta, payload = split_binary_response(response)
-    assert meta["outputs"][0]["parameters"] == {"binary_data_size": FAKE_CLASSES * 4}  # type: ignore[index]
+    assert meta["outputs"][0]["parameters"] == {"binary_data_size": FAKE_CLASSES * 4}
     assert len(payload) == FAKE_CLASSES * 4
 
 
 async def test_pixels_model_takes_preprocessed_tensors_binary_and_json(client: httpx.AsyncClient) -> None:
     served = fake_served_model()
     limits = ImageLimits(max_pixels=10**8)
-    tensors = np.stack([served.prepare(i, limits).numpy() for i in IMAGES])  # what /v1 would feed the model
+    tensors = np.stack([prepared_on_cpu(served, i, limits).numpy() for i in IMAGES])  # what /v1 would feed the model
     spec = {"name": "PIXELS", "shape": list(tensors.shape), "datatype": "FP32"}
     data = tensors.astype("<f4").tobytes()
     binary_spec = {**spec, "parameters": {"binary_data_size": len(data)}}
@@ -182,7 +185,7 @@ async def test_raw_binary_requests_with_a_zero_header_length(client: httpx.Async
     for response, count in ((one, 1), (packed, 3), (tensor, 2)):
         assert response.status_code == 200, response.text
         meta, payload = split_binary_response(response)  # every output comes back binary
-        assert meta["outputs"][0]["shape"] == [count, FAKE_CLASSES]  # type: ignore[index]
+        assert meta["outputs"][0]["shape"] == [count, FAKE_CLASSES]
         assert len(payload) == count * FAKE_CLASSES * 4
     packed_logits = np.frombuffer(split_binary_response(packed)[1], dtype="<f4").reshape(3, -1)
     np.testing.assert_array_equal(packed_logits, await v1_logits(client, IMAGES))

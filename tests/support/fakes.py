@@ -127,6 +127,13 @@ def fake_engine(*models: ServedModel, limits: Limits | None = None) -> Engine:
     )
 
 
+def prepared_on_cpu(served: ServedModel, data: bytes, limits: ImageLimits) -> torch.Tensor:
+    """`served.prepare` for a model that decodes on the CPU: the (3, crop, crop) tensor its batch gets."""
+    pixels = served.prepare(data, limits)
+    assert isinstance(pixels, torch.Tensor), "decoded on the device"
+    return pixels
+
+
 def served_model_of(client: httpx.AsyncClient, name: str | None = None) -> ServedModel:
     """The served model behind an in-process test client."""
     engine: Engine = client._transport.app.state.engine  # type: ignore[attr-defined]

@@ -6,11 +6,11 @@ import torch
 
 from app.pipeline.decode import decode
 from app.pipeline.image_scan import ImageLimits
-from app.pipeline.preprocess import PreprocessParams, build_preprocessor
+from app.pipeline.preprocess import Preprocessor, PreprocessParams, build_preprocessor
 from app.runtime.lanes import Lane, LaneSpec
 from app.runtime.runner import Forward
 
-PRESET = build_preprocessor(PreprocessParams(crop_size=224, resize_size=256))
+PRESET: Preprocessor = build_preprocessor(PreprocessParams(crop_size=224, resize_size=256))
 
 
 def preset_pixels(data: bytes) -> torch.Tensor:

@@ -74,7 +74,7 @@ def wait_answering(
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"{process.args} exited with {process.returncode}: {output()}")
+            raise AssertionError(f"{process.args!r} exited with {process.returncode}: {output()}")
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                 return

@@ -42,7 +42,7 @@ def mixed_requests(jpeg: bytes) -> list[tuple[str, dict[str, object], int]]:
         b'{"inputs":[{"name":"IMAGE","datatype":"BYTES","shape":[1,1],"parameters":{"binary_data_size":%d}}],'
         b'"outputs":[{"name":"LOGITS","parameters":{"classification":3}}]}' % (len(jpeg) + 4)
     )
-    raw = {"content": jpeg, "headers": {"Content-Type": "image/jpeg"}}
+    raw: dict[str, object] = {"content": jpeg, "headers": {"Content-Type": "image/jpeg"}}
     return [
         *[("/v1/classify?logits=false", raw, 200)] * 6,
         (

@@ -234,7 +234,7 @@ def test_a_signal_before_the_supervisor_starts_a_worker_is_a_clean_stop(monkeypa
         signal.raise_signal(signal.SIGTERM)  # handled at once, in this thread: unhandled, it would end pytest
         return mkdtemp(prefix=prefix)
 
-    monkeypatch.setattr(workers.tempfile, "mkdtemp", signalled_mkdtemp)
+    monkeypatch.setattr(tempfile, "mkdtemp", signalled_mkdtemp)  # the module app.serve.workers calls
     started: list[int] = []
     monkeypatch.setattr(workers.Supervisor, "start_worker", lambda self, index, failures=0: started.append(index))
     before = signal.getsignal(signal.SIGTERM)

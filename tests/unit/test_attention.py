@@ -7,7 +7,7 @@ import copy
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -132,7 +132,8 @@ def test_uniform_attention_gives_a_uniform_map() -> None:
 
 
 def hf_vit(attn_implementation: str = "sdpa") -> LogitsOf:
-    config = transformers.ViTConfig(
+    # Both are documented `PreTrainedConfig` arguments; its `dataclass_transform` declares only the fields.
+    config = transformers.ViTConfig(  # type: ignore[call-arg]
         image_size=32,
         patch_size=8,
         hidden_size=32,
@@ -178,7 +179,10 @@ SOURCES = {
 }
 
 
-def randomized(module: nn.Module) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def randomized(module: M) -> M:
     """Every parameter random (torchvision starts its head at zero, which would make equal logits vacuous)."""
     with torch.no_grad():
         for parameter in module.parameters():
@@ -213,7 +217,7 @@ def settings_of(module: nn.Module) -> dict[str, Any]:
     }
     for name, sub in module.named_modules():
         plain = {k: v for k, v in vars(sub).items() if isinstance(v, bool | int | float | str | tuple | None)}
-        config = getattr(sub, "config", None)
+        config: Any = getattr(sub, "config", None)
         found[name] = (
             plain,
             [len(getattr(sub, hook, {})) for hook in HOOKS],
@@ -236,8 +240,9 @@ def test_the_settings_snapshot_sees_hooks_and_flags() -> None:
     before = settings_of(module)
     hooked, flagged = copy.deepcopy(module), copy.deepcopy(module)
     assert settings_of(hooked) == before
-    hooked.blocks[0].attn.register_forward_hook(lambda *_: None)
-    flagged.blocks[1].attn.fused_attn = not flagged.blocks[1].attn.fused_attn
+    hooked.get_submodule("blocks.0.attn").register_forward_hook(lambda *_: None)
+    attention: Any = flagged.get_submodule("blocks.1.attn")  # `fused_attn` is a `Final` flag timm never flips
+    attention.fused_attn = not attention.fused_attn
     assert settings_of(hooked) != before
     assert settings_of(flagged) != before
 
@@ -293,7 +298,8 @@ def test_timm_weights_are_the_libraries_own(kwargs: dict[str, Any]) -> None:
     module = randomized(timm_vit(**kwargs))
     pixels = torch.randn(2, 3, 32, 32)
     found = attentions(TIMM, module, pixels)
-    unfused, reference = copy.deepcopy(module), []  # timm's own softmax is only visible on its unfused path
+    unfused: Any = copy.deepcopy(module)  # timm's own softmax is only visible on its unfused path
+    reference: list[torch.Tensor] = []
     for block in unfused.blocks:
         block.attn.fused_attn = False
         block.attn.attn_drop.register_forward_hook(lambda _module, _inputs, output: reference.append(output))
@@ -317,9 +323,10 @@ def test_half_precision_models_give_float32(name: str) -> None:
     torch.testing.assert_close(found.logits, expected, rtol=1e-2, atol=1e-2)
 
 
-class ReplacedForward(VisionTransformer):
+class ReplacedForward(VisionTransformer):  # type: ignore[misc]  # torchvision ships no type information
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) * 2
+        doubled: torch.Tensor = super().forward(x) * 2
+        return doubled
 
 
 @pytest.mark.parametrize(

@@ -173,7 +173,8 @@ async def test_an_exception_fails_every_request_of_its_batch_and_the_loop_goes_o
     futures = submit(batcher, [1, 2, 3])
     results = await asyncio.gather(*futures, return_exceptions=True)
     assert all(isinstance(r, InferenceFailed) for r in results)
-    assert isinstance(results[0].__cause__, ValueError)
+    first = results[0]
+    assert isinstance(first, InferenceFailed) and isinstance(first.__cause__, ValueError)
     (after,) = submit(batcher, [5])
     async with asyncio.timeout(10):
         assert (await after).value == 50
