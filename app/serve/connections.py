@@ -168,6 +168,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._reading_head = False
         super().on_headers_complete()
+        self.cycle.transport = _CorkedTransport(self.transport, self.loop)  # type: ignore[assignment]
         if self._draining:
             self.cycle.keep_alive = False
         self._arm(self.limits.body_timeout_s, self._body_timed_out)  # disarmed at once if there is no body
@@ -262,6 +263,38 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
 
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+
+
+class _CorkedTransport:
+    """A request's view of its connection: what the response writes in one event-loop step goes out in one write.
+
+    uvicorn writes a response's head when the app starts it and the body when the app sends it, two system calls.
+    A process killed between them (SIGKILL, the OOM killer) would leave its peer with a head and no body, which a
+    load balancer has already passed on and can no longer retry elsewhere; as one write, the peer gets all of the
+    response or none of it. The write goes out before anything scheduled after it (a close included)."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._pending:
+            self._loop.call_soon(self.flush)
+        self._pending.append(bytes(data))
+
+    def flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 def _error_body(message: str, code: str) -> bytes:

@@ -252,6 +252,7 @@ def supervise(settings: Settings) -> int:
         multiprocessing.allow_connection_pickling()  # the socket goes to each worker
         sock = _bind(settings)
         metrics_dir = Path(tempfile.mkdtemp(prefix="vit-serve-metrics-"))
+        previous_dir = os.environ.get(METRICS_DIR_VARIABLE)
         os.environ[METRICS_DIR_VARIABLE] = str(metrics_dir)  # inherited by the workers, read as prometheus loads
         supervisor = Supervisor(settings, sock, metrics_dir, signals=len(early))
         for sig in SIGNALS:
@@ -261,6 +262,11 @@ def supervise(settings: Settings) -> int:
         finally:
             sock.close()
             shutil.rmtree(metrics_dir, ignore_errors=True)
+            # The folder is gone: a process started after this one (a caller's own) must not be pointed at it.
+            if previous_dir is None:
+                os.environ.pop(METRICS_DIR_VARIABLE, None)
+            else:
+                os.environ[METRICS_DIR_VARIABLE] = previous_dir
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
