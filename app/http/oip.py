@@ -76,6 +76,25 @@ async def model_config(request: Request, model: Model) -> Response:
     return JSONResponse(model.config(max_request_batch=engine.limits.max_images_per_request))
 
 
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` with its `$defs` written in place of each reference: pydantic's `#/$defs/...` would point at the root
+    of the OpenAPI document, where nothing by that name is (the request models are not recursive)."""
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            reference = node.get("$ref")
+            if isinstance(reference, str) and reference.startswith("#/$defs/"):
+                return resolve(definitions[reference.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved
+
+
 INFER_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -84,7 +103,7 @@ INFER_DOC: dict[str, Any] = {
             "(Inference-Header-Content-Length gives the JSON's length; 0 means the whole body is the one input)."
         ),
         "content": {
-            "application/json": {"schema": InferRequestBody.model_json_schema()},
+            "application/json": {"schema": _inlined(InferRequestBody.model_json_schema())},
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         },
     }

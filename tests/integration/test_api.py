@@ -415,6 +415,32 @@ async def test_openapi_documents_the_real_request_bodies(client: httpx.AsyncClie
     assert (await client.get("/docs")).status_code == 200
 
 
+async def test_every_reference_in_the_openapi_document_resolves(client: httpx.AsyncClient) -> None:
+    """API tools follow each `$ref` from the document's root: one that points nowhere breaks them."""
+    spec = (await client.get("/openapi.json")).json()
+    references: list[str] = []
+
+    def collect(node: object) -> None:
+        if isinstance(node, dict):
+            reference = node.get("$ref")
+            if isinstance(reference, str):
+                references.append(reference)
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, list):
+            for item in node:
+                collect(item)
+
+    collect(spec)
+    assert references  # the document does use references
+    for reference in set(references):
+        assert reference.startswith("#/"), reference
+        target: object = spec
+        for part in reference.removeprefix("#/").split("/"):
+            assert isinstance(target, dict) and part in target, f"{reference} does not resolve"
+            target = target[part]
+
+
 async def test_a_client_that_disconnects_has_its_queued_image_dropped(serve: ClientFactory) -> None:
     """Raw ASGI, so the disconnect is real: the body arrives, then `http.disconnect` while the image is queued."""
     model = FakeViT()
