@@ -33,23 +33,9 @@ def markdown() -> str:
         for method, path, operation in operations:
             parts += _operation(method, path, operation)
     parts += ["## Schemas", ""]
-    schemas = {**doc.get("components", {}).get("schemas", {}), **_inline_defs(doc)}
-    for name, schema in schemas.items():
+    for name, schema in doc.get("components", {}).get("schemas", {}).items():
         parts += _schema(name, schema)
     return "\n".join(parts)
-
-
-def _inline_defs(node: Any) -> dict[str, Any]:
-    """Schemas defined inside an operation (`$defs`, as pydantic's `model_json_schema()` writes them), by name."""
-    found: dict[str, Any] = {}
-    if isinstance(node, dict):
-        found.update(node.get("$defs", {}))
-        for value in node.values():
-            found.update(_inline_defs(value))
-    elif isinstance(node, list):
-        for value in node:
-            found.update(_inline_defs(value))
-    return found
 
 
 def _operation(method: str, path: str, operation: dict[str, Any]) -> list[str]:
@@ -94,7 +80,6 @@ def _content_types(response: dict[str, Any]) -> str:
 
 def _schema(name: str, schema: dict[str, Any]) -> list[str]:
     parts = [f"### {name} {{#schema-{name.lower()}}}", ""]
-    schema = {key: value for key, value in schema.items() if key != "$defs"}
     if schema.get("description"):
         parts += [cell(schema["description"]), ""]
     properties = schema.get("properties")
