@@ -252,7 +252,7 @@ class Engine:
             raise ModelNotFound(f"no model named {name!r}; served: {', '.join(self._models)}") from None
 
     async def start(self) -> None:
-        """Warm every model up (every batch size it will see) and start its batcher; ready when it returns. Until then
+        """Warm every model up (`ServedModel.warm_up`) and start its batcher; ready when it returns. Until then
         readiness says "warming up", and after a failure (which is raised) why it failed."""
         started = time.perf_counter()
         self._warming = True
@@ -533,7 +533,7 @@ class Engine:
 
 
 async def _warm(model: ServedModel) -> None:
-    """Warm a model up (a forward at every batch size it will see) and start its batcher."""
+    """Warm a model up (`ServedModel.warm_up`: its lanes, buckets and the timed batches) and start its batcher."""
     started = time.perf_counter()
     await model.start()
     seconds = time.perf_counter() - started

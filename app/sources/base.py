@@ -18,7 +18,7 @@ from torch import nn
 
 from app.config.model_config import ModelConfig
 from app.errors import ModelLoadError
-from app.pipeline.preprocess import Preprocessor
+from app.pipeline.preprocess import Preprocessor, PreprocessParams, build_preprocessor
 from app.sources.attention import AttentionReader
 from app.sources.embedding import WithEmbedding
 
@@ -39,6 +39,19 @@ class Preprocessing:
     resize_side: int | None = None
     # a JPEG may be decoded at a reduced scale down to `resize_side` (the opt-in `jpeg_draft`), close to exact
     jpeg_draft: bool = False
+
+    @classmethod
+    def of_preset(cls, params: PreprocessParams) -> Preprocessing:
+        """torchvision's `ImageClassification` preset with `params`: exact on PIL images and uint8 tensors alike."""
+        return cls(
+            build_preprocessor(params),
+            params.as_dict(),
+            mean=params.mean,
+            std=params.std,
+            takes_tensors=True,
+            resize_side=params.resize_size,
+            jpeg_draft=True,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from torchvision.models.vision_transformer import Encoder, EncoderBlock, VisionT
 
 from app.config.model_config import ModelConfig
 from app.errors import ModelLoadError
-from app.pipeline.preprocess import PreprocessParams, build_preprocessor, preset_params
+from app.pipeline.preprocess import PreprocessParams, preset_params
 from app.sources.attention import AttentionReader, Attentions, unmodified
 from app.sources.base import LoadedModel, ModelSource, Preprocessing
 from app.sources.checkpoints import HINT, RANDOM, load_state_dict, load_weights_file, random_model, short
@@ -69,16 +69,7 @@ class TorchvisionSource(ModelSource):
                 f"model {config.name!r}: preprocess crop_size = {params.crop_size} but the model takes "
                 f"{image_size}x{image_size} images; make them equal"
             )
-        preprocessing = Preprocessing(
-            build_preprocessor(params),
-            params.as_dict(),
-            mean=params.mean,
-            std=params.std,
-            takes_tensors=True,
-            resize_side=params.resize_size,
-            jpeg_draft=True,
-        )
-        return LoadedModel.of(module, labels, preprocessing, source)
+        return LoadedModel.of(module, labels, Preprocessing.of_preset(params), source)
 
     def download(self, config: ModelConfig, cache_dir: Path | None) -> Path | None:
         pretrained = _pretrained_weights(config)

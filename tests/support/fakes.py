@@ -18,7 +18,7 @@ from app.config.settings import AccelerationConfig, BatchingConfig
 from app.engine.facade import Engine, Limits
 from app.engine.served_model import ServedModel
 from app.pipeline.image_scan import ImageLimits
-from app.pipeline.preprocess import PreprocessParams, build_preprocessor
+from app.pipeline.preprocess import PreprocessParams
 from app.sources.base import LoadedModel, Preprocessing
 
 FAKE_IMAGE_SIZE = 32
@@ -95,15 +95,7 @@ def fake_served_model(
     loaded = LoadedModel(
         module=module,
         labels=[f"class{i}" for i in range(num_classes)],
-        preprocessing=Preprocessing(
-            build_preprocessor(FAKE_PREPROCESS),
-            FAKE_PREPROCESS.as_dict(),
-            mean=FAKE_PREPROCESS.mean,
-            std=FAKE_PREPROCESS.std,
-            takes_tensors=True,
-            resize_side=FAKE_PREPROCESS.resize_size,
-            jpeg_draft=True,
-        ),
+        preprocessing=Preprocessing.of_preset(FAKE_PREPROCESS),
         image_size=FAKE_IMAGE_SIZE,
         weights_source="fake",
         num_params=module.weight.numel(),
