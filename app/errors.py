@@ -1,96 +1,120 @@
-"""Domain errors. Each class says its HTTP status and machine code; the HTTP layer maps them all in one place."""
+"""Domain errors. Each class says whose fault it is (`Fault`) and its machine code; no HTTP here: the HTTP layer maps
+each class to a status code in one table (`app.http.error_status`)."""
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from pydantic import ValidationError
+
+
+class Fault(StrEnum):
+    """Whose fault an error is: what a client (and a metric, and a log) does about it follows from this."""
+
+    IMAGE = "image"  # one image of the request (corrupt, too large, an unsupported format): fix or drop that image
+    REQUEST = "request"  # the request as a whole (malformed, an unknown model or option, not allowed): fix the request
+    OVERLOAD = (
+        "overload"  # the service cannot take or finish it now (full, not ready, too slow): retry, maybe elsewhere
+    )
+    SERVICE = "service"  # the service failed (a bug, the device): not the client's to fix
+
+    @property
+    def clients(self) -> bool:
+        """The client's to fix: an image or the request."""
+        return self in (Fault.IMAGE, Fault.REQUEST)
 
 
 class ServeError(Exception):
     """Base of every error a client may see. `message` is safe to show; `index` names the offending image."""
 
-    status: int = 500
+    fault: Fault = Fault.SERVICE
     code: str = "internal_error"
 
     def __init__(self, message: str, *, index: int | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.index = index
+        self.index: int | None = None
         if code is not None:
             self.code = code
+        if index is not None:
+            self.at(index)
 
     def at(self, index: int) -> ServeError:
-        """The same error, pinned to image `index` of a request."""
+        """The same error, pinned to image `index` of a request: a fault of the request's is that image's."""
         self.index = index
+        if self.fault is Fault.REQUEST:
+            self.fault = Fault.IMAGE
         return self
 
 
 class BadRequest(ServeError):
-    """400: a malformed body, or an image that is recognised but cannot be decoded."""
+    """A malformed body, or an image that is recognised but cannot be decoded."""
 
-    status = 400
+    fault = Fault.REQUEST
     code = "bad_request"
 
 
 class InvalidImage(BadRequest):
-    """400: the bytes claim an image format but do not decode (truncated, corrupt)."""
+    """The bytes claim an image format but do not decode (truncated, corrupt)."""
 
+    fault = Fault.IMAGE
     code = "invalid_image"
 
 
 class ModelNotFound(ServeError):
-    """404: no model of that name is served."""
+    """No model of that name is served."""
 
-    status = 404
+    fault = Fault.REQUEST
     code = "model_not_found"
 
 
 class Forbidden(ServeError):
-    """403: the call is understood and authenticated, but this service does not allow it."""
+    """The call is understood and authenticated, but this service does not allow it."""
 
-    status = 403
+    fault = Fault.REQUEST
     code = "forbidden"
 
 
 class Conflict(ServeError):
-    """409: the request conflicts with the service's state (e.g. unloading the default model)."""
+    """The request conflicts with the service's state (e.g. unloading the default model)."""
 
-    status = 409
+    fault = Fault.REQUEST
     code = "conflict"
 
 
 class ModelLoadFailed(ServeError):
-    """400: a model named in a load request could not be loaded (its config, weights or warm-up failed); like Triton's
-    answer to a failed load. What is served does not change."""
+    """A model named in a load request could not be loaded (its config, weights or warm-up failed); as Triton has it,
+    the load request's fault. What is served does not change."""
 
-    status = 400
+    fault = Fault.REQUEST
     code = "model_load_failed"
 
 
 class PayloadTooLarge(ServeError):
-    """413: the body, the number of images or an image's pixel count is over its limit."""
+    """The body, the number of images or an image's pixel count is over its limit."""
 
-    status = 413
+    fault = Fault.REQUEST
     code = "payload_too_large"
 
 
 class UnsupportedMediaType(ServeError):
-    """415: a content type or an image format the service does not accept."""
+    """A content type or an image format the service does not accept."""
 
-    status = 415
+    fault = Fault.REQUEST
     code = "unsupported_media_type"
 
 
 class InvalidParameter(ServeError):
-    """422: a parameter is out of range or unknown."""
+    """A parameter is out of range or unknown."""
 
-    status = 422
+    fault = Fault.REQUEST
     code = "invalid_parameter"
 
 
 class Unavailable(ServeError):
-    """503: the service cannot take this now; the client may retry after `retry_after_s`."""
+    """The service cannot take this now; the client may retry after `retry_after_s`."""
 
-    status = 503
+    fault = Fault.OVERLOAD
     code = "unavailable"
 
     def __init__(self, message: str, *, retry_after_s: int = 1, code: str | None = None) -> None:
@@ -99,28 +123,28 @@ class Unavailable(ServeError):
 
 
 class QueueFull(Unavailable):
-    """503: the model's queue has no room for this request's images."""
+    """The model's queue has no room for this request's images."""
 
     code = "queue_full"
 
 
 class NotReady(Unavailable):
-    """503: the model is not loaded and warmed, its batcher is down, or the service is shutting down."""
+    """The model is not loaded and warmed, its batcher is down, or the service is shutting down."""
 
     code = "not_ready"
 
 
 class DeadlineExceeded(ServeError):
-    """504: the request did not finish within `request_timeout_s`."""
+    """The request did not finish within `request_timeout_s`."""
 
-    status = 504
+    fault = Fault.OVERLOAD
     code = "deadline_exceeded"
 
 
 class InferenceFailed(ServeError):
-    """500: the forward pass of this request's batch raised; details go to the log, never to the client."""
+    """The forward pass of this request's batch raised; details go to the log, never to the client."""
 
-    status = 500
+    fault = Fault.SERVICE
     code = "inference_failed"
 
 
@@ -129,9 +153,9 @@ class ModelLoadError(Exception):
 
 
 class ClientDisconnected(ServeError):
-    """499 (nginx's code): the client went away; its queued images were dropped. Nobody reads this answer."""
+    """The client went away; its queued images were dropped. Nobody reads this answer."""
 
-    status = 499
+    fault = Fault.REQUEST
     code = "client_closed_request"
 
 

@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import Generic, TypeVar
 
 from app.config.settings import BatchingConfig
+from app.engine.descriptions import BatchRecord
 from app.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull, ServeError
 
 log = logging.getLogger(__name__)
@@ -49,16 +50,6 @@ class Completed(Generic[Out]):
     queue_wait_s: float  # from entering the queue to its batch starting
     batch_s: float  # its batch's `run_batch`, on the inference thread
     batch_size: int
-
-
-@dataclass(frozen=True, slots=True)
-class BatchRecord:
-    """What one batch did, for metrics."""
-
-    size: int
-    queue_waits_s: list[float]
-    run_s: float
-    failed: bool
 
 
 @dataclass(slots=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,9 +21,10 @@ import torch
 
 from app.config.model_config import list_models
 from app.config.settings import Settings
-from app.engine.batcher import Batcher, BatchRecord, Completed
+from app.engine.batcher import Batcher, Completed
 from app.engine.decode_pool import DecodePool
-from app.engine.served_model import ModelInfo, ServedModel
+from app.engine.descriptions import BatchRecord, ModelInfo, ModelStatus, RepositoryEntry
+from app.engine.served_model import ServedModel
 from app.errors import (
     BadRequest,
     Conflict,
@@ -124,15 +124,49 @@ class Explanations:
 
 
 class EngineObserver(Protocol):
-    """What the engine reports as it works (the metrics module implements it)."""
+    """What the engine reports as it works, to whoever `Engine.observe`s it (the metrics do)."""
 
-    def image_prepared(self, model: str, seconds: float) -> None: ...
+    def image_prepared(self, model: str, seconds: float) -> None:
+        """One image decoded and preprocessed, on a decode thread."""
 
-    def batch_done(self, model: str, record: BatchRecord) -> None: ...
+    def batch_done(self, model: str, record: BatchRecord) -> None:
+        """One batch ran (or failed), on the batcher's thread."""
 
-    def model_loaded(self, model: ServedModel) -> None: ...
+    def batch_split(self, model: str, size: int) -> None:
+        """A batch of `size` images ran out of device memory and is retried in two halves."""
 
-    def model_unloaded(self, name: str) -> None: ...
+    def model_loaded(self, model: ModelInfo) -> None:
+        """A model is served from now on (at `observe`, every model served then)."""
+
+    def model_unloaded(self, name: str) -> None:
+        """A model is no longer served."""
+
+
+class _Events:
+    """The engine's events, passed on to every observer: the served models report here, whoever observes or not."""
+
+    def __init__(self) -> None:
+        self.observers: list[EngineObserver] = []
+
+    def image_prepared(self, model: str, seconds: float) -> None:
+        for observer in self.observers:
+            observer.image_prepared(model, seconds)
+
+    def batch_done(self, model: str, record: BatchRecord) -> None:
+        for observer in self.observers:
+            observer.batch_done(model, record)
+
+    def batch_split(self, model: str, size: int) -> None:
+        for observer in self.observers:
+            observer.batch_split(model, size)
+
+    def model_loaded(self, model: ModelInfo) -> None:
+        for observer in self.observers:
+            observer.model_loaded(model)
+
+    def model_unloaded(self, name: str) -> None:
+        for observer in self.observers:
+            observer.model_unloaded(name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +191,9 @@ class Engine:
         if not models:
             raise ValueError("an engine needs at least one model")
         self._models = {m.name: m for m in models}
+        self._events = _Events()
+        for model in models:
+            model.events = self._events
         self.repository = repository  # for models loaded while serving (`load_model`)
         self._control = asyncio.Lock()  # one load or unload at a time
         self.default_model = models[0].name
@@ -166,14 +203,10 @@ class Engine:
         self._warming = False
         self.failure: str | None = None  # why the warm-up failed: the service will not become ready
         self._stopping = False
-        self._observer: EngineObserver | None = None
 
     @classmethod
     def load(cls, settings: Settings) -> Engine:
         """Read every named model's config and load its weights (blocking; raises `ModelLoadError`)."""
-        threads = settings.resolved_torch_threads()
-        if threads is not None:
-            torch.set_num_threads(threads)
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         acceleration = settings.acceleration()
@@ -219,14 +252,41 @@ class Engine:
         )
 
     def observe(self, observer: EngineObserver) -> None:
-        """Report preprocessing times, every batch, and models loaded and unloaded to `observer` from now on."""
-        self._observer = observer
-        for model in self._models.values():
-            model.on_batch = functools.partial(observer.batch_done, model.name)
+        """Report to `observer` from now on: first every model served now (`model_loaded`), then each event."""
+        self._events.observers.append(observer)
+        for name in self._models:
+            observer.model_loaded(self.describe(name))
 
-    @property
-    def models(self) -> list[ServedModel]:
-        return list(self._models.values())
+    def names(self) -> list[str]:
+        """The served models' names, the default first."""
+        return list(self._models)
+
+    def describe(self, name: str | None = None) -> ModelInfo:
+        """A served model (the default one without a name): what it is, how it runs, its deadline; 404 if unknown."""
+        served = self.model(name)
+        return dataclasses.replace(served.info(), request_timeout_s=self.request_timeout_s(served))
+
+    def resolve(self, name: str | None = None) -> str:
+        """The name of the model a request for `name` goes to (the default one for None); `ModelNotFound` if none."""
+        return self.model(name).name
+
+    def status(self, name: str) -> ModelStatus:
+        """A served model's readiness and queue depth, now (cheap: the metrics read it at every scrape)."""
+        return self.model(name).status()
+
+    def labels(self, name: str) -> list[str]:
+        """A served model's class labels, by class index."""
+        return self.model(name).labels
+
+    def repository_index(self) -> list[RepositoryEntry]:
+        """Every model of the model repository and every one served, by name: served, and ready."""
+        if self.repository is None:
+            raise NotReady("this engine cannot load models while serving")
+        names = sorted(set(self.repository.names()) | set(self._models))
+        return [
+            RepositoryEntry(name, served=name in self._models, ready=name in self._models and self._models[name].ready)
+            for name in names
+        ]
 
     @property
     def ready(self) -> bool:
@@ -246,6 +306,8 @@ class Engine:
         return None
 
     def model(self, name: str | None = None) -> ServedModel:
+        """The served model itself, for the engine and its tests; whatever is above the engine reads `describe`,
+        `status` and `labels` instead."""
         try:
             return self._models[name or self.default_model]
         except KeyError:
@@ -273,7 +335,7 @@ class Engine:
             extra={"fields": {"models": list(self._models), "warmup_s": round(seconds, 3)}},
         )
 
-    async def load_model(self, name: str, *, drain_timeout_s: float) -> ServedModel:
+    async def load_model(self, name: str, *, drain_timeout_s: float) -> ModelInfo:
         """Load `name` from the model repository while serving, warm it up, and serve it. A model already served
         under that name is replaced: requests it accepted are answered by it (drained for up to `drain_timeout_s`),
         requests from the swap on go to the new one. Raises `ModelNotFound` (no such folder) or `ModelLoadFailed`."""
@@ -291,8 +353,7 @@ class Engine:
             except Exception as exc:  # e.g. out of device memory: the load fails, what is served goes on
                 log.exception("model %r: loading failed", name)
                 raise ModelLoadFailed(f"model {name!r}: {type(exc).__name__}: {exc}") from None
-            if self._observer is not None:
-                model.on_batch = functools.partial(self._observer.batch_done, model.name)
+            model.events = self._events
             try:
                 await _warm(model)
             except Exception as exc:
@@ -301,12 +362,11 @@ class Engine:
                 raise ModelLoadFailed(f"model {name!r}: warm-up failed: {exc}") from None
             old = self._models.get(name)
             self._models[name] = model  # from here on, new requests for `name` reach the new model
-            if self._observer is not None:
-                self._observer.model_loaded(model)
+            self._events.model_loaded(self.describe(name))
             if old is not None:
                 await old.stop(drain_timeout_s)
                 log.info("model %r replaced; the old one answered what it had accepted", name)
-        return model
+        return self.describe(name)
 
     async def unload_model(self, name: str, *, drain_timeout_s: float) -> None:
         """Stop serving `name`: new requests for it get 404; those it accepted are answered (bounded drain)."""
@@ -315,9 +375,8 @@ class Engine:
             if name == self.default_model:
                 raise Conflict(f"model {name!r} is the default model and cannot be unloaded; it can be reloaded")
             del self._models[name]
+            self._events.model_unloaded(name)
             await served.stop(drain_timeout_s)
-            if self._observer is not None:
-                self._observer.model_unloaded(name)
             log.info("model %r unloaded", name, extra={"fields": {"model": name}})
 
     def begin_shutdown(self) -> None:
@@ -526,8 +585,7 @@ class Engine:
             if isinstance(result, BaseException):
                 raise result
             tensor, seconds = result
-            if self._observer is not None:
-                self._observer.image_prepared(served.name, seconds)
+            self._events.image_prepared(served.name, seconds)
             tensors.append(tensor)
         return tensors
 
@@ -557,9 +615,9 @@ async def _warm(model: ServedModel) -> None:
 
 
 def _startup_fields(info: ModelInfo) -> dict[str, object]:
-    fields = dataclasses.asdict(info)
+    fields = info.as_json()
     fields["model"] = fields.pop("name")
-    del fields["ready"]
+    del fields["ready"], fields["request_timeout_s"]
     return fields
 
 
@@ -572,8 +630,8 @@ def _top_k(served: ServedModel, top_k: int | None) -> int:
 
 
 def _at_image(error: ServeError, futures: Sequence[asyncio.Future[Completed[Any]]]) -> ServeError:
-    """A client error (4xx: this image is at fault) pinned to the image whose future failed with it."""
-    if error.status >= 500:  # the batch's or the service's fault, not one image's
+    """A client's fault (this image's) pinned to the image whose future failed with it."""
+    if not error.fault.clients:  # the batch's or the service's fault, not one image's
         return error
     for index, future in enumerate(futures):
         if future.done() and not future.cancelled() and future.exception() is error:

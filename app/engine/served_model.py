@@ -11,16 +11,17 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
 from torch import nn
 
 from app.config.settings import AccelerationConfig, BatchingConfig
-from app.engine.batcher import Batcher, BatchRecord
+from app.engine.batcher import Batcher
+from app.engine.descriptions import BatchRecord, Measured, ModelInfo, ModelStatus
 from app.errors import ServeError
 from app.pipeline import overlay
 from app.pipeline.decode import decode
@@ -49,36 +50,16 @@ class Explained:
     pixels: torch.Tensor  # (3, h, w) preprocessed
 
 
+class ModelEvents(Protocol):
+    """Where a served model reports its batches (the engine passes them on to its observers)."""
+
+    def batch_done(self, model: str, record: BatchRecord) -> None: ...
+
+    def batch_split(self, model: str, size: int) -> None: ...
+
+
 class WarmUpStopped(Exception):
     """The model was stopped while it warmed up: the steps left were skipped."""
-
-
-@dataclass(frozen=True, slots=True)
-class Measured:
-    """What the warm-up timed on this device, for a client to size its batches and timeouts by."""
-
-    batch_size: int  # the largest batch, timed
-    images_per_s: float  # at that batch size
-    latency_ms_batch1: float  # one image alone
-
-
-@dataclass(frozen=True, slots=True)
-class ModelInfo:
-    name: str
-    arch: str
-    weights: str
-    num_params: int
-    input_size: list[int]
-    num_classes: int
-    embedding_dim: int
-    explain: bool
-    device: str
-    dtype: str
-    batching: dict[str, Any]
-    preprocess: dict[str, Any]
-    acceleration: dict[str, Any]
-    measured: Measured | None  # None until the warm-up has run
-    ready: bool
 
 
 class ServedModel:
@@ -125,8 +106,7 @@ class ServedModel:
         self.measured: Measured | None = None  # timed at the end of the warm-up
         self._stopped = threading.Event()
         self._lanes: queue.SimpleQueue[Lane] = queue.SimpleQueue()
-        self.on_batch: Callable[[BatchRecord], None] | None = None
-        self.oom_splits = 0  # batches retried in halves after running out of device memory
+        self.events: ModelEvents | None = None  # the engine's: whoever observes it hears of batches
         self.batcher: Batcher[Prepared, ImageOutput] = Batcher(
             self.forward, batching, name=name, on_batch=self._batch_done, max_in_flight=self.pipeline_depth
         )
@@ -140,8 +120,8 @@ class ServedModel:
         )
 
     def _batch_done(self, record: BatchRecord) -> None:
-        if self.on_batch is not None:
-            self.on_batch(record)
+        if self.events is not None:
+            self.events.batch_done(self.name, record)
 
     @property
     def num_classes(self) -> int:
@@ -217,7 +197,8 @@ class ServedModel:
         except torch.OutOfMemoryError:
             if len(images) == 1:
                 raise
-            self.oom_splits += 1
+            if self.events is not None:
+                self.events.batch_split(self.name, len(images))
             log.warning(
                 "model %r: out of memory on a batch of %d; retrying it in two halves",
                 self.name,
@@ -343,6 +324,9 @@ class ServedModel:
         explainer = self.explainer.stop(timeout_s) if self.explainer is not None else asyncio.sleep(0)
         await asyncio.gather(self.batcher.stop(timeout_s), explainer)
 
+    def status(self) -> ModelStatus:
+        return ModelStatus(ready=self.ready, queue_depth=self.batcher.depth)
+
     def info(self) -> ModelInfo:
         size = self._loaded.image_size
         return ModelInfo(
@@ -356,7 +340,7 @@ class ServedModel:
             explain=self.explainer is not None,
             device=str(self._device),
             dtype=dtype_name(self._dtype),
-            batching=self.batcher.config.model_dump(),
+            batching=self.batcher.config,
             preprocess=self._loaded.preprocessing.info,
             acceleration=self.acceleration_info(),
             measured=self.measured,

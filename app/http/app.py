@@ -65,7 +65,11 @@ def create_app(
     )
     app.state.engine = engine
     app.state.settings = settings
-    app.state.metrics = metrics = Metrics(engine, multiprocess_dir=metrics_dir)
+    largest_batch = max(engine.describe(name).batching.max_batch_size for name in engine.names())
+    app.state.metrics = metrics = Metrics(
+        max_batch_size=largest_batch, status=engine.status, multiprocess_dir=metrics_dir
+    )
+    engine.observe(metrics)
     # Starlette runs the last one added first: telemetry, CORS, API keys, body limit, then the routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_keys:

@@ -9,7 +9,6 @@ import re
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
@@ -23,7 +22,7 @@ from app.errors import (
 from app.http.multipart import read_multipart
 from app.http.off_loop import parse_off_loop
 from app.http.schemas import ImagesJSON
-from app.protocols.json_bounds import check_json_bounds
+from app.protocols.json_bounds import check_json_bounds, parse_json
 
 RAW_TYPES = ("application/octet-stream",)
 _DATA_URI = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?)(?P<b64>;base64)?,", re.ASCII)
@@ -47,6 +46,10 @@ async def read_images(request: Request, *, max_images: int, options: type[Option
     """The images and options of an image request; `options` is the endpoint's options model (unknown ones: 422)."""
     query = dict(request.query_params)
     _check_known(options, query, "query parameter", "invalid_parameter")
+    try:  # the query string alone first: a bad value there is refused whatever the body says, before it is read
+        options.model_validate(query)
+    except ValidationError as exc:
+        raise InvalidParameter(f"query {describe_validation_error(exc)}") from None
     content_type = request.headers.get("content-type", "application/octet-stream")
     media_type = content_type.split(";", 1)[0].strip().lower()
     fields: dict[str, Any] = {}
@@ -100,10 +103,7 @@ def _read_json(body: bytes, max_images: int) -> tuple[list[bytes], dict[str, Any
     counts = check_json_bounds(body, max_containers=JSON_CONTAINERS, max_values=2**62)
     if counts.values > max_images + JSON_CONTAINERS:  # before anything is parsed: many images are many values
         raise _too_many_images(max_images, f"more than {max_images}")
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"malformed JSON: {exc}", code="invalid_json") from None
+    parsed = parse_json(body)
     try:
         payload = ImagesJSON.model_validate(parsed)
     except ValidationError as exc:

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from app.engine.facade import DEFAULT_TOP_K, Classification, Engine
+from app.engine.facade import Classification, Engine
 from app.http.dependencies import ModelName
 from app.http.image_endpoint import answer
 from app.http.schemas import ERROR_RESPONSES, ClassifyJSON, ClassifyOptions, ClassifyResponse, image_body_doc
 from app.pipeline.postprocess import ClassScore
 
 router = APIRouter(tags=["classify"])
-
-# Declared for the API docs; `answer` reads them with the body's options (the body wins).
-TopK = Annotated[int | None, Query(ge=1, description=f"Classes per image, best first (default {DEFAULT_TOP_K}).")]
-Logits = Annotated[bool | None, Query(description="Include the raw logits (default true).")]
 
 _ROUTE: dict[str, Any] = {
     "response_model": ClassifyResponse,
@@ -27,14 +23,12 @@ _ROUTE: dict[str, Any] = {
 
 
 @router.post("/v1/classify", summary="Classify images with the default model", **_ROUTE)
-async def classify_default(request: Request, model: ModelName, top_k: TopK = None, logits: Logits = None) -> Response:
+async def classify_default(request: Request, model: ModelName) -> Response:
     return await classify(request, model)
 
 
 @router.post("/v1/models/{name}/classify", summary="Classify images with a named model", **_ROUTE)
-async def classify_with(
-    request: Request, name: str, model: ModelName, top_k: TopK = None, logits: Logits = None
-) -> Response:
+async def classify_with(request: Request, name: str, model: ModelName) -> Response:
     return await classify(request, model)
 
 

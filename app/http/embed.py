@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import base64
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from app.engine.facade import Embeddings, Engine
@@ -15,13 +15,6 @@ from app.http.schemas import ERROR_RESPONSES, EmbedJSON, EmbedOptions, EmbedResp
 
 router = APIRouter(tags=["embed"])
 
-# Declared for the API docs; `answer` reads them with the body's options (the body wins).
-Normalize = Annotated[bool | None, Query(description="Scale each embedding to unit L2 norm (default false).")]
-EncodingFormat = Annotated[
-    Literal["float", "base64"] | None,
-    Query(description="float (default): JSON numbers; base64: base64 of little-endian float32, one string an image."),
-]
-
 _ROUTE: dict[str, Any] = {
     "response_model": EmbedResponse,
     "responses": ERROR_RESPONSES,
@@ -30,16 +23,12 @@ _ROUTE: dict[str, Any] = {
 
 
 @router.post("/v1/embed", summary="Embed images with the default model", **_ROUTE)
-async def embed_default(
-    request: Request, model: ModelName, normalize: Normalize = None, encoding_format: EncodingFormat = None
-) -> Response:
+async def embed_default(request: Request, model: ModelName) -> Response:
     return await embed(request, model)
 
 
 @router.post("/v1/models/{name}/embed", summary="Embed images with a named model", **_ROUTE)
-async def embed_with(
-    request: Request, name: str, model: ModelName, normalize: Normalize = None, encoding_format: EncodingFormat = None
-) -> Response:
+async def embed_with(request: Request, name: str, model: ModelName) -> Response:
     return await embed(request, model)
 
 

@@ -11,6 +11,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from app.errors import ClientDisconnected, InferenceFailed, InvalidParameter, ServeError, Unavailable
+from app.http.error_status import status_of
 from app.http.responses import JSONResponse
 from app.observability.metrics import Metrics
 
@@ -44,7 +45,7 @@ async def _serve_error(request: Request, exc: ServeError) -> Response:
     _count_rejection(request, exc)
     if isinstance(exc, InferenceFailed):
         log.error("%s %s: %s", request.method, request.url.path, exc.message, exc_info=exc.__cause__)
-    response = error_response(exc.status, exc.message, exc.code, index=exc.index)
+    response = error_response(status_of(exc), exc.message, exc.code, index=exc.index)
     if isinstance(exc, Unavailable):
         response.headers["Retry-After"] = str(exc.retry_after_s)
     return response
@@ -56,7 +57,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
     where = " ".join(str(part) for part in first["loc"])
     error = InvalidParameter(f"{where}: {first['msg']}".strip(": "))
     _count_rejection(request, error)
-    return error_response(error.status, error.message, error.code)
+    return error_response(status_of(error), error.message, error.code)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:

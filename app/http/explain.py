@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import base64
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from app.engine.facade import DEFAULT_TOP_K, Engine, Explanations
+from app.engine.facade import Engine, Explanations
 from app.http.classify import scores
 from app.http.dependencies import ModelName
 from app.http.image_endpoint import answer
 from app.http.schemas import ERROR_RESPONSES, ExplainJSON, ExplainOptions, ExplainResponse, image_body_doc
 
 router = APIRouter(tags=["explain"])
-
-# Declared for the API docs; `answer` reads them with the body's options (the body wins).
-TopK = Annotated[int | None, Query(ge=1, description=f"Classes per image, best first (default {DEFAULT_TOP_K}).")]
-Overlay = Annotated[
-    bool | None,
-    Query(
-        description="Add a PNG of the map over the image the model saw (default false); with one image and "
-        "Accept: image/png, the answer is that PNG."
-    ),
-]
 
 _ROUTE: dict[str, Any] = {
     "response_model": ExplainResponse,
@@ -34,14 +24,12 @@ _ROUTE: dict[str, Any] = {
 
 
 @router.post("/v1/explain", summary="Explain the default model's classification of images", **_ROUTE)
-async def explain_default(request: Request, model: ModelName, top_k: TopK = None, overlay: Overlay = None) -> Response:
+async def explain_default(request: Request, model: ModelName) -> Response:
     return await explain(request, model)
 
 
 @router.post("/v1/models/{name}/explain", summary="Explain a named model's classification of images", **_ROUTE)
-async def explain_with(
-    request: Request, name: str, model: ModelName, top_k: TopK = None, overlay: Overlay = None
-) -> Response:
+async def explain_with(request: Request, name: str, model: ModelName) -> Response:
     return await explain(request, model)
 
 

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from app.config.settings import Settings
+from app.engine.descriptions import ModelInfo
 from app.engine.facade import Engine
 from app.errors import BadRequest, Forbidden, NotReady
-from app.http.models import model_info
 from app.http.responses import JSONResponse
-from app.http.schemas import ERROR_RESPONSES, ModelInfo
+from app.http.schemas import ERROR_RESPONSES
+from app.protocols.json_bounds import parse_json
 
 router = APIRouter(tags=["model control"])
 
@@ -37,7 +37,7 @@ async def load(request: Request, name: str) -> Response:
     engine, settings = _controlled(request)
     request.state.model = name
     model = await engine.load_model(name, drain_timeout_s=settings.drain_timeout_s)
-    return JSONResponse(model_info(engine, model))
+    return JSONResponse(model.as_json())
 
 
 @router.post(
@@ -56,15 +56,13 @@ async def repository_index(request: Request) -> Response:
     served ones."""
     engine, _ = _controlled(request)
     ready_only = bool((await _json_object(request)).get("ready", False))
-    assert engine.repository is not None
-    served = {m.name: m for m in engine.models}
     index = []
-    for name in sorted(set(engine.repository.names()) | set(served)):
-        model = served.get(name)
-        if model is not None and model.ready:
-            index.append({"name": name, "version": "1", "state": "READY", "reason": ""})
+    for model in engine.repository_index():
+        if model.ready:
+            index.append({"name": model.name, "version": "1", "state": "READY", "reason": ""})
         elif not ready_only:
-            index.append({"name": name, "state": "UNAVAILABLE", "reason": "unloaded" if model is None else "stopping"})
+            reason = "stopping" if model.served else "unloaded"
+            index.append({"name": model.name, "state": "UNAVAILABLE", "reason": reason})
     return JSONResponse(index)
 
 
@@ -107,10 +105,7 @@ async def _json_object(request: Request) -> dict[str, Any]:
     body = await request.body()
     if not body.strip():
         return {}
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"malformed JSON: {exc}", code="invalid_json") from None
+    parsed = parse_json(body)
     if not isinstance(parsed, dict):
         raise BadRequest("the body must be a JSON object", code="invalid_body")
     return parsed

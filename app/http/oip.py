@@ -31,7 +31,7 @@ async def oip_model(request: Request) -> OipModel:
     every handler here: FastAPI would run a plain `def` in its thread pool, a thread round trip a request."""
     params = request.path_params
     model = resolve(request.app.state.engine, params["name"], params.get("version"))
-    request.state.model = model.served.name
+    request.state.model = model.info.name
     return model
 
 
@@ -68,7 +68,7 @@ async def model_metadata(model: Model) -> Response:
 
 
 async def model_ready(model: Model) -> Response:
-    return _readiness(model.served.ready)
+    return _readiness(model.info.ready)
 
 
 async def model_config(request: Request, model: Model) -> Response:

@@ -22,7 +22,7 @@ async def healthz() -> Response:
 @router.get("/readyz", response_model=Readiness, responses={503: {"description": "Not ready"}}, summary="Readiness")
 async def readyz(request: Request) -> Response:
     engine: Engine = request.app.state.engine
-    models = {m.name: m.ready for m in engine.models}
+    models = {name: engine.status(name).ready for name in engine.names()}
     reason = engine.not_ready_reason()
     if reason is None:
         return JSONResponse({"ready": True, "models": models})

@@ -6,7 +6,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.engine.descriptions import ModelInfo
 from app.engine.facade import DEFAULT_TOP_K
+from app.pipeline.postprocess import ClassScore
 
 
 class ImagesJSON(BaseModel):
@@ -29,19 +31,25 @@ TopK = Annotated[int | None, Field(ge=1, description=f"Classes per image, best f
 
 class ClassifyOptions(_Options):
     top_k: TopK = None
-    logits: bool = Field(True, description="Include the raw logits.")
+    logits: bool = Field(True, description="Include the raw logits (default true).")
 
 
 class EmbedOptions(_Options):
-    normalize: bool = Field(False, description="Scale each embedding to unit L2 norm.")
+    normalize: bool = Field(False, description="Scale each embedding to unit L2 norm (default false).")
     encoding_format: Literal["float", "base64"] = Field(
-        "float", description="float: JSON numbers; base64: each embedding as base64 of little-endian float32."
+        "float",
+        description="float (default): JSON numbers; base64: each embedding as one string, base64 of little-endian "
+        "float32.",
     )
 
 
 class ExplainOptions(_Options):
     top_k: TopK = None
-    overlay: bool = Field(False, description="Add a PNG of the attention map laid over the image the model saw.")
+    overlay: bool = Field(
+        False,
+        description="Add a PNG of the attention map laid over the image the model saw (default false); with one "
+        "image and Accept: image/png, the answer is that PNG.",
+    )
 
 
 class ClassifyJSON(ImagesJSON, ClassifyOptions):
@@ -60,12 +68,6 @@ class ExplainJSON(ImagesJSON, ExplainOptions):
     """An `application/json` explain body."""
 
     model_config = ConfigDict(extra="forbid")
-
-
-class ClassScore(BaseModel):
-    index: int = Field(examples=[281])
-    label: str = Field(examples=["tabby"])
-    score: float = Field(description="Softmax probability.", examples=[0.91])
 
 
 class Prediction(BaseModel):
@@ -110,39 +112,6 @@ class ErrorResponse(BaseModel):
     index: int | None = Field(None, description="The offending image, where one image is at fault.")
 
 
-class Measured(BaseModel):
-    batch_size: int = Field(description="The largest batch, timed.")
-    images_per_s: float = Field(description="Throughput at that batch size.")
-    latency_ms_batch1: float = Field(description="One image alone, through the forward.")
-
-
-class ModelInfo(BaseModel):
-    name: str
-    arch: str
-    weights: str
-    num_params: int
-    input_size: list[int]
-    num_classes: int
-    embedding_dim: int = Field(description="Floats per embedding from /embed (0: served without embeddings).")
-    explain: bool = Field(description="Whether /explain is served (the model's attention can be read).")
-    device: str
-    dtype: str
-    batching: dict[str, Any]
-    preprocess: dict[str, Any]
-    acceleration: dict[str, Any] = Field(
-        description="How batches run: compile, cuda_graphs, batch_buckets, decode_device, pipeline_depth, "
-        "max_images_per_forward."
-    )
-    measured: Measured | None = Field(
-        description="What the warm-up timed on this device (null while warming up): a client sizes its batches and "
-        "timeouts by it."
-    )
-    request_timeout_s: float | None = Field(
-        None, description="The deadline of a request to this model, in seconds: past it, 504."
-    )
-    ready: bool
-
-
 class ModelList(BaseModel):
     default: str
     models: list[ModelInfo]
@@ -158,9 +127,20 @@ class Readiness(BaseModel):
 
 
 def image_body_doc(body: type[ImagesJSON]) -> dict[str, Any]:
-    """The OpenAPI request body of an image endpoint whose JSON body (images and options) is `body`."""
+    """The OpenAPI query parameters and request body of an image endpoint whose JSON body (images and options) is
+    `body`: each option is a query parameter as well, and the body's value wins (`bodies.read_images`)."""
     options = {name: schema for name, schema in body.model_json_schema()["properties"].items() if name != "images"}
     return {
+        "parameters": [
+            {
+                "name": name,
+                "in": "query",
+                "required": False,
+                "description": schema.get("description", ""),
+                "schema": _query_schema(schema),
+            }
+            for name, schema in options.items()
+        ],
         "requestBody": {
             "required": True,
             "description": (
@@ -181,8 +161,22 @@ def image_body_doc(body: type[ImagesJSON]) -> dict[str, Any]:
                 },
                 "application/json": {"schema": body.model_json_schema(ref_template="#/components/schemas/{model}")},
             },
-        }
+        },
     }
+
+
+def _query_schema(option: dict[str, Any]) -> dict[str, Any]:
+    """An option's JSON schema as a query parameter's: a query string cannot say null, so an optional option (null:
+    the model's default, told in its description) is documented as its one other type."""
+    schema = dict(option)
+    kinds = [kind for kind in schema.pop("anyOf", []) if kind != {"type": "null"}]
+    if len(kinds) == 1:
+        schema.update(kinds[0])
+    elif kinds:
+        schema["anyOf"] = kinds
+    if "default" in schema and schema["default"] is None:
+        del schema["default"]
+    return schema
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

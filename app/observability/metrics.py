@@ -4,7 +4,7 @@ registry of its own. With several workers, prometheus-client's multiprocess mode
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -16,16 +16,15 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from app.engine.batcher import BatchRecord
-from app.engine.facade import Engine
-from app.engine.served_model import ServedModel
+from app.engine.descriptions import BatchRecord, ModelInfo, ModelStatus
 from app.errors import (
     ClientDisconnected,
     DeadlineExceeded,
+    ModelNotFound,
     NotReady,
     QueueFull,
     ServeError,
@@ -43,16 +42,24 @@ OTHER_MODEL = "other"  # the label of a request for a model never served: a name
 
 
 class Metrics:
-    """The service's metrics for one engine. An `EngineObserver`: the engine reports batches and decode times.
+    """The service's metrics: an `EngineObserver` (`engine.observe(metrics)`), counting what the engine reports
+    (batches, their splits, decode times, models loaded and unloaded), and what the HTTP layer reports (requests,
+    rejections). `status` reads a served model's queue depth and readiness (`Engine.status`); `max_batch_size`, the
+    largest batch of any model, sizes the batch-size histogram.
 
     `registry` is what `/metrics` exposes. With `multiprocess_dir` (one of several workers, started with
     PROMETHEUS_MULTIPROC_DIR set to it) the metrics are written there and `registry` reads every worker's files; the
     values read from the process at scrape time (queue depth, readiness, memory) are then sampled every second by a
-    `WorkerSampler` between `start()` and `stop()`.
+    `WorkerSampler` between `start()` and `stop()`: prometheus-client's multiprocess mode has no scrape-time gauges.
     """
 
     def __init__(
-        self, engine: Engine, registry: CollectorRegistry | None = None, *, multiprocess_dir: Path | None = None
+        self,
+        *,
+        max_batch_size: int,
+        status: Callable[[str], ModelStatus],
+        registry: CollectorRegistry | None = None,
+        multiprocess_dir: Path | None = None,
     ) -> None:
         # No `*_created` series: they double the series count and no dashboard here reads them. (Process-wide.)
         disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -99,12 +106,11 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        largest = max(m.batcher.config.max_batch_size for m in engine.models)
         self.batch_size = Histogram(
             "vit_batch_size",
             "Images per batch sent to the model (a bucket for every size).",
             ["model"],
-            buckets=[float(size) for size in range(1, largest + 1)],
+            buckets=[float(size) for size in range(1, max_batch_size + 1)],
             registry=r,
         )
         self.rejected = Counter(
@@ -117,21 +123,24 @@ class Metrics:
             multiprocess_mode="livemin",
             registry=r,
         )
+        self.oom_splits = Counter(
+            "vit_oom_splits", "Batches retried in two halves after running out of device memory.", ["model"], registry=r
+        )
         self.sampler: WorkerSampler | None = None
         self._multiprocess = multiprocess_dir is not None
+        self._status = status
         self._served: set[str] = set()  # every model served since the start: the model labels there can be
-        for model in engine.models:
-            self.model_loaded(model)
+        self._serving: set[str] = set()  # the models served now: those with gauges
         if multiprocess_dir is None:
             ProcessCollector(registry=r)
             r.register(CudaMemoryCollector())
-            r.register(OomSplitCollector(engine))
             self.registry = r
         else:
-            self.sampler = WorkerSampler(engine.models, self.queue_depth, self.model_ready, r)
+            self.sampler = WorkerSampler(
+                lambda: sorted(self._serving), self.status, self.queue_depth, self.model_ready, r
+            )
             self.registry = CollectorRegistry()
             MultiProcessCollector(self.registry, str(multiprocess_dir))  # type: ignore[no-untyped-call]
-        engine.observe(self)
 
     def start(self) -> None:
         """Start sampling (one of several workers only)."""
@@ -142,26 +151,42 @@ class Metrics:
         if self.sampler is not None:
             self.sampler.stop()
 
-    def model_loaded(self, model: ServedModel) -> None:
-        """Every series of a model exists from its start, at zero; its gauges read it (one process)."""
+    def serving(self) -> list[str]:
+        """The models served now (whose gauges there are)."""
+        return sorted(self._serving)
+
+    def status(self, name: str) -> ModelStatus:
+        """A served model's status now; a model unloaded meanwhile has none left (no queue, not ready)."""
+        try:
+            return self._status(name)
+        except ModelNotFound:
+            return ModelStatus(ready=False, queue_depth=0)
+
+    def model_loaded(self, model: ModelInfo) -> None:
+        """Every series of a model exists from its start, at zero; its gauges read its status (one process)."""
         name = model.name
         self._served.add(name)
-        for family in (self.images, self.queue_wait, self.preprocess, self.inference, self.batch_size):
+        self._serving.add(name)
+        for family in (self.images, self.queue_wait, self.preprocess, self.inference, self.batch_size, self.oom_splits):
             family.labels(name)
         for reason in REJECTION_REASONS:
             self.rejected.labels(name, reason)
         if not self._multiprocess:  # the workers' sampler sets them
-            self.queue_depth.labels(name).set_function(lambda: model.batcher.depth)
-            self.model_ready.labels(name).set_function(lambda: float(model.ready))
+            self.queue_depth.labels(name).set_function(lambda: self.status(name).queue_depth)
+            self.model_ready.labels(name).set_function(lambda: float(self.status(name).ready))
 
     def model_unloaded(self, name: str) -> None:
         """Its gauges go (a model not served has no queue); its counters stay, as counters do."""
+        self._serving.discard(name)
         for gauge in (self.queue_depth, self.model_ready):
             with contextlib.suppress(KeyError):
                 gauge.remove(name)
 
     def image_prepared(self, model: str, seconds: float) -> None:
         self.preprocess.labels(model).observe(seconds)
+
+    def batch_split(self, model: str, size: int) -> None:
+        self.oom_splits.labels(model).inc()
 
     def batch_done(self, model: str, record: BatchRecord) -> None:
         self.batch_size.labels(model).observe(record.size)
@@ -189,24 +214,9 @@ def rejection_reason(error: ServeError) -> str:
         return "cancelled"
     if isinstance(error, NotReady):
         return "not_ready"
-    if error.status < 500:
+    if error.fault.clients:
         return "invalid_input"
     return "error"
-
-
-class OomSplitCollector(Collector):
-    """Batches retried in halves after the device ran out of memory: a sign that max_batch_size is too large."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(
-            "vit_oom_splits", "Batches retried in two halves after running out of device memory.", labels=["model"]
-        )
-        for model in self.engine.models:
-            family.add_metric([model.name], model.oom_splits)
-        yield family
 
 
 class CudaMemoryCollector(Collector):

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 
-from app.engine.served_model import ServedModel
+from app.engine.descriptions import ModelStatus
 
 CUDA_MEMORY: dict[str, tuple[str, Callable[[int], int]]] = {
     "vit_cuda_memory_allocated_bytes": ("Device memory held by tensors.", torch.cuda.memory_allocated),
@@ -43,24 +43,18 @@ class WorkerSampler:
 
     def __init__(
         self,
-        models: Sequence[ServedModel],
+        models: Callable[[], Sequence[str]],
+        status: Callable[[str], ModelStatus],
         queue_depth: Gauge,
         model_ready: Gauge,
         registry: CollectorRegistry,
         interval_s: float = SAMPLE_INTERVAL_S,
     ) -> None:
-        self.models = list(models)
+        self.models = models  # the names of the models served now
+        self.status = status
         self.queue_depth = queue_depth
         self.model_ready = model_ready
         self.interval_s = interval_s
-        self.oom_splits = Counter(
-            "vit_oom_splits",
-            "Batches retried in two halves after running out of device memory.",
-            ["model"],
-            registry=registry,
-        )
-        for model in self.models:
-            self.oom_splits.labels(model.name)  # at zero from the start
         self.cuda_memory = {
             name: Gauge(
                 name, doc, ["device"], multiprocess_mode=CUDA_MEMORY_MODES.get(name, "livesum"), registry=registry
@@ -73,7 +67,6 @@ class WorkerSampler:
         }
         self.cpu = Counter(PROCESS_CPU, "User and system CPU time of the workers, in seconds.", registry=registry)
         self._process_collector = ProcessCollector(registry=None)
-        self._counted_oom = dict.fromkeys((m.name for m in self.models), 0)
         self._counted_cpu = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -93,13 +86,10 @@ class WorkerSampler:
             self.sample()
 
     def sample(self) -> None:
-        for model in self.models:
-            self.queue_depth.labels(model.name).set(model.batcher.depth)
-            self.model_ready.labels(model.name).set(float(model.ready))
-            new_splits = model.oom_splits - self._counted_oom[model.name]
-            if new_splits > 0:
-                self.oom_splits.labels(model.name).inc(new_splits)
-                self._counted_oom[model.name] = model.oom_splits
+        for name in self.models():
+            status = self.status(name)
+            self.queue_depth.labels(name).set(status.queue_depth)
+            self.model_ready.labels(name).set(float(status.ready))
         if cuda_memory_ready():
             for name, (_, read) in CUDA_MEMORY.items():
                 for index in range(torch.cuda.device_count()):

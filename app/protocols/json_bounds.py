@@ -10,6 +10,9 @@ under-count; the requests here carry few (base64 has none).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import orjson
 
 from app.errors import BadRequest
 
@@ -39,3 +42,12 @@ def check_json_bounds(body: bytes, *, max_containers: int, max_values: int) -> J
             f"the JSON holds over {max_values} values; a request here holds at most that many", code="json_too_complex"
         )
     return counts
+
+
+def parse_json(body: bytes, *, what: str = "JSON") -> Any:
+    """`body` parsed (bound it with `check_json_bounds` first, where it may be large); 400 `invalid_json` if it is not
+    JSON, with where the parser stopped."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"malformed {what}: {exc}", code="invalid_json") from None

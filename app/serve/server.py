@@ -109,8 +109,13 @@ def serve(
     """Load the models and serve them until SIGTERM/SIGINT, then drain: one server process (or one of `workers`,
     on `sockets` bound by the supervisor, with its metrics in the shared `metrics_dir`, taking connections only once
     `before_serving` returns). Raises `ModelLoadError`."""
+    import torch
+
     from app.http.app import create_app
 
+    threads = settings.resolved_torch_threads()  # for the whole process: its one engine's forwards, and nothing else
+    if threads is not None:
+        torch.set_num_threads(threads)
     engine = Engine.load(settings)
     config = uvicorn.Config(
         create_app(settings, engine, metrics_dir=metrics_dir, before_serving=before_serving),

@@ -1,6 +1,7 @@
 """The error-code reference: every machine code a client can get, with its status and what it means.
 
-Three places say codes: the error classes of `app.errors` (each with its `status`, `code` and docstring), the raise
+Three places say codes: the error classes of `app.errors` (each with its `code`, its fault and docstring; its status
+from the HTTP layer's one table, `app.http.error_status`), the raise
 sites that give one of those classes a more specific `code="..."` (read from the source, with the message they
 send), and the HTTP layer's own answers (an `(status, ..., "code")` call such as `error_response(401, ...,
 "unauthorized")`, or a `{status: "code"}` table).
@@ -32,14 +33,20 @@ class ErrorCode:
     code: str
     statuses: set[int] = field(default_factory=set)
     classes: set[str] = field(default_factory=set)
+    faults: set[str] = field(default_factory=set)
     meanings: list[str] = field(default_factory=list)
     places: set[str] = field(default_factory=set)
 
-    def add(self, status: int | None, meaning: str, *, cls: str | None = None, place: str | None = None) -> None:
+    def add(
+        self, status: int | None, meaning: str, *, cls: type[ServeError] | None = None, place: str | None = None
+    ) -> None:
         if status is not None:
             self.statuses.add(status)
-        if cls:
-            self.classes.add(cls)
+        if cls is not None:
+            self.classes.add(cls.__name__)
+            # an error raised while an image is decoded is pinned to that image by the engine: the image's fault
+            image = place is not None and place.startswith("app/pipeline/") and cls.fault == "request"
+            self.faults.add("image" if image else str(cls.fault))
         if meaning and meaning not in self.meanings:
             self.meanings.append(meaning)
         if place:
@@ -71,10 +78,10 @@ def collect() -> dict[str, ErrorCode]:
         return codes[name]
 
     root = classes.pop("ServeError")
-    entry(root.code).add(root.status, "", cls=root.__name__)  # its docstring is about the hierarchy, not the code
+    entry(root.code).add(_status(root), "", cls=root)  # its docstring is about the hierarchy, not the code
     for cls in classes.values():
         if "code" in vars(cls):
-            entry(cls.code).add(cls.status, _docstring_meaning(cls), cls=cls.__name__)
+            entry(cls.code).add(_status(cls), _docstring_meaning(cls), cls=cls)
     classes[root.__name__] = root
     for path in sorted(APP.rglob("*.py")):
         source = path.read_text(encoding="utf-8")
@@ -98,7 +105,7 @@ def _from_call(
     if isinstance(name, str) and CODE.match(name):
         cls = classes.get(_called_name(node.func))
         message = _message(node.args[0], source) if node.args else ""
-        entry(name).add(getattr(cls, "status", None), message, cls=cls.__name__ if cls else None, place=place)
+        entry(name).add(_status(cls) if cls else None, message, cls=cls, place=place)
         return
     constants = [_constant(arg) for arg in node.args]
     statuses = [c for c in constants if isinstance(c, int) and not isinstance(c, bool) and c in STATUSES]
@@ -135,6 +142,19 @@ def _message(node: ast.expr, source: str) -> str:
     return ""
 
 
+def _status(cls: type[ServeError]) -> int:
+    from app.http.error_status import status_of
+
+    return status_of(cls)
+
+
+def _fault_of_status(statuses: set[int]) -> str:
+    """The fault of a code the HTTP layer answers by itself (no error class says it)."""
+    if statuses and max(statuses) < 500:
+        return "request"
+    return "overload" if statuses & {503, 504} else "service"
+
+
 def _docstring_meaning(cls: type) -> str:
     doc = " ".join((cls.__doc__ or "").split())
     return re.sub(r"^\d{3}(?: \([^)]*\))?: ", "", doc)
@@ -146,5 +166,6 @@ def markdown() -> str:
         statuses = ", ".join(str(s) for s in sorted(error.statuses)) or "—"
         meanings = error.meanings[:MAX_MESSAGES] + (["…"] if len(error.meanings) > MAX_MESSAGES else [])
         raised = ", ".join(code(c) for c in sorted(error.classes)) or "the HTTP layer"
-        rows.append([statuses, code(error.code), raised, "<br>".join(cell(m) for m in meanings)])
-    return table(["status", "code", "raised as", "meaning, or the message sent"], rows)
+        faults = ", ".join(sorted(error.faults)) or _fault_of_status(error.statuses)
+        rows.append([statuses, code(error.code), faults, raised, "<br>".join(cell(m) for m in meanings)])
+    return table(["status", "code", "fault", "raised as", "meaning, or the message sent"], rows)

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pydantic import BaseModel
 
 from app.config.settings import BatchingConfig, Settings
 from app.engine.facade import Limits
+from app.http.schemas import ClassifyOptions, EmbedOptions, ExplainOptions
 from app.pipeline.image_scan import ImageLimits
 from tests.support.fakes import (
     FAKE_CLASSES,
@@ -101,6 +103,17 @@ async def test_query_options_apply_and_a_json_body_overrides_them(client: httpx.
     body = {"images": [base64.b64encode(RED).decode()], "top_k": 4}
     response = await client.post("/v1/classify", json=body, params={"top_k": 1})
     assert len(response.json()["predictions"][0]["top_k"]) == 4
+
+
+async def test_a_bad_query_option_is_refused_whatever_the_body_says(client: httpx.AsyncClient) -> None:
+    body = {"images": [base64.b64encode(RED).decode()], "top_k": 2}
+    for content in ({"json": body}, {"content": b"text", "headers": {"Content-Type": "text/plain"}}):
+        response = await client.post("/v1/classify", params={"top_k": 0}, **content)
+        assert response.status_code == 422
+        assert response.json() == {
+            "error": "query top_k: Input should be greater than or equal to 1",
+            "code": "invalid_parameter",
+        }
 
 
 async def test_named_model_route_and_several_models() -> None:
@@ -413,6 +426,31 @@ async def test_openapi_documents_the_real_request_bodies(client: httpx.AsyncClie
     assert {"image/*", "application/octet-stream", "multipart/form-data", "application/json"} <= set(body)
     assert "images" in body["application/json"]["schema"]["properties"]
     assert (await client.get("/docs")).status_code == 200
+
+
+@pytest.mark.parametrize("options", [ClassifyOptions, EmbedOptions, ExplainOptions])
+async def test_image_endpoints_document_their_options_as_query_parameters(
+    client: httpx.AsyncClient, options: type[BaseModel]
+) -> None:
+    """The options model is the one declaration: each field is a documented query parameter and nothing else is."""
+    spec = (await client.get("/openapi.json")).json()
+    kind = options.__name__.removesuffix("Options").lower()
+    paths = sorted(path for path in spec["paths"] if path.endswith("/" + kind))
+    assert paths == [f"/v1/{kind}", f"/v1/models/{{name}}/{kind}"]
+    for path in paths:
+        parameters = spec["paths"][path]["post"]["parameters"]
+        query = {p["name"]: p for p in parameters if p["in"] == "query"}
+        assert list(query) == list(options.model_fields), path
+        assert len(query) == len([p for p in parameters if p["in"] == "query"])  # each once
+        for name, field in options.model_fields.items():
+            assert query[name]["required"] is False
+            assert query[name]["description"] == field.description
+            assert "null" not in str(query[name]["schema"])  # a query string cannot say null
+    query = {p["name"]: p["schema"] for p in spec["paths"][f"/v1/{kind}"]["post"]["parameters"]}
+    if "top_k" in query:
+        assert (query["top_k"]["type"], query["top_k"]["minimum"]) == ("integer", 1)
+    if "encoding_format" in query:
+        assert query["encoding_format"]["enum"] == ["float", "base64"]
 
 
 async def test_every_reference_in_the_openapi_document_resolves(client: httpx.AsyncClient) -> None:

@@ -86,12 +86,12 @@ def test_model_info_describes_what_is_served(tmp_path: Path) -> None:
     model = tiny_vit(image_size=32, num_classes=5)
     write_model_folder(tmp_path, "tiny", model, extra="[batching]\nmax_batch_size = 3\n[preprocess]\nresize_size = 40")
     engine = Engine.load(Settings(model_repository=tmp_path, model=["tiny"]))
-    info = engine.model().info()
+    info = engine.describe()
     assert info.arch == "vit" and info.num_classes == 5 and info.input_size == [3, 32, 32]
     assert info.num_params == sum(p.numel() for p in model.parameters())
     assert info.weights == str((tmp_path / "tiny" / "weights.pth").resolve())
     assert (info.device, info.dtype) == ("cpu", "fp32")
-    assert info.batching == {
+    assert info.batching.model_dump() == {
         "max_batch_size": 3,
         "max_queue_delay_ms": 5.0,
         "max_queue_size": 256,

@@ -11,8 +11,8 @@ import pytest
 from fastapi import FastAPI
 
 from app.config.settings import Settings
+from app.engine.descriptions import Measured
 from app.engine.facade import Engine, Limits
-from app.engine.served_model import Measured
 from app.http.app import create_app
 from tests.support.fakes import FakeViT, fake_engine, fake_served_model, image_bytes
 

@@ -16,8 +16,8 @@ import torch
 from prometheus_client import CollectorRegistry, Gauge
 
 from app.config.settings import Settings
+from app.engine.descriptions import ModelStatus
 from app.observability.worker_metrics import CUDA_MEMORY, WorkerSampler
-from tests.support.fakes import fake_served_model
 from tests.support.photos import jpeg, photo
 from tests.support.processes import access_lines, free_port, start_tiny, stop, tiny_server
 
@@ -176,31 +176,28 @@ def test_workers_split_the_cores_and_the_device_memory_between_them(monkeypatch:
 
 
 def test_a_workers_sampler_writes_what_one_process_reads_at_scrape_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The values a single process reads at scrape time, written by a worker's sampler instead: the queue depth,
-    readiness, OOM splits as a counter (only what is new each time), device memory, its own memory and CPU."""
-    model = fake_served_model("m")
+    """The values a single process reads at scrape time, written by a worker's sampler instead: each served model's
+    queue depth and readiness (from its status), device memory, its own memory and CPU."""
+    statuses = {"m": ModelStatus(ready=False, queue_depth=3), "n": ModelStatus(ready=True, queue_depth=0)}
     registry = CollectorRegistry()
     queue_depth = Gauge("vit_queue_depth", "", ["model"], registry=registry)
     ready = Gauge("vit_model_ready", "", ["model"], registry=registry)
-    sampler = WorkerSampler([model], queue_depth, ready, registry)
+    sampler = WorkerSampler(lambda: sorted(statuses), statuses.__getitem__, queue_depth, ready, registry)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     for name in CUDA_MEMORY:
         monkeypatch.setitem(CUDA_MEMORY, name, ("", lambda index: 1234))
 
-    model.oom_splits = 2
     sampler.sample()
-    model.oom_splits = 3
-    sampler.sample()
+    statuses["m"] = ModelStatus(ready=True, queue_depth=1)
     sampler.sample()
 
     def read(name: str, **labels: str) -> float | None:
         return registry.get_sample_value(name, labels)
 
-    assert read("vit_queue_depth", model="m") == 0.0
-    assert read("vit_model_ready", model="m") == 0.0  # not started
-    assert read("vit_oom_splits_total", model="m") == 3.0
+    assert (read("vit_queue_depth", model="m"), read("vit_model_ready", model="m")) == (1.0, 1.0)
+    assert (read("vit_queue_depth", model="n"), read("vit_model_ready", model="n")) == (0.0, 1.0)
     assert read("vit_cuda_memory_allocated_bytes", device="cuda:0") == 1234
     assert (read("process_resident_memory_bytes") or 0) > 10_000_000
     assert (read("process_cpu_seconds_total") or 0) > 0

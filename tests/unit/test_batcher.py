@@ -8,7 +8,8 @@ import threading
 import pytest
 
 from app.config.settings import BatchingConfig
-from app.engine.batcher import Batcher, BatchRecord, Completed
+from app.engine.batcher import Batcher, Completed
+from app.engine.descriptions import BatchRecord
 from app.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
 from tests.support.waiting import wait_until
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from app.errors import ServeError
+from app.http.error_status import status_of
 from app.pipeline.decode import ACCEPTED_FORMATS, decode
 from app.pipeline.image_scan import ImageLimits
 
@@ -32,9 +33,9 @@ def outcome(data: bytes) -> tuple[int, int] | int:
     try:
         image = decode(data, limits=ImageLimits(max_pixels=MAX_PIXELS))
     except ServeError as exc:
-        assert 400 <= exc.status < 500, exc
+        assert 400 <= status_of(exc) < 500, exc
         assert exc.message and "Traceback" not in exc.message
-        return exc.status
+        return status_of(exc)
     assert image.mode == "RGB"
     assert image.width * image.height <= MAX_PIXELS
     return image.size

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from app.engine.facade import Engine, Inference
 from app.errors import BadRequest, InvalidParameter, PayloadTooLarge, describe_validation_error
-from app.protocols.json_bounds import check_json_bounds
+from app.protocols.json_bounds import check_json_bounds, parse_json
 from app.protocols.oip import tensors
 from app.protocols.oip.models import EMBEDDING_OUTPUT, LOGITS_OUTPUT, VERSION, OipModel
 
@@ -78,9 +78,7 @@ def parse_request(body: bytes, header_length: int | None, model: OipModel, *, ma
     header = body[:end]
     _check_json_bounds(header, model, max_images)
     try:
-        parsed = InferRequestBody.model_validate(orjson.loads(header))
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"malformed JSON inference header: {exc}", code="invalid_json") from None
+        parsed = InferRequestBody.model_validate(parse_json(header, what="JSON inference header"))
     except ValidationError as exc:
         raise InvalidParameter(
             f"invalid inference request: {describe_validation_error(exc)}", code="invalid_body"
@@ -187,9 +185,9 @@ async def run(engine: Engine, model: OipModel, request: InferRequest) -> tuple[I
     timeout_s = _timeout_s(body.parameters)
     if isinstance(request.data, np.ndarray):
         pixels = torch.from_numpy(request.data)
-        inference = await engine.infer_pixels(pixels, model=model.served.name, timeout_s=timeout_s)
+        inference = await engine.infer_pixels(pixels, model=model.info.name, timeout_s=timeout_s)
     else:
-        inference = await engine.infer(request.data, model=model.served.name, timeout_s=timeout_s)
+        inference = await engine.infer(request.data, model=model.info.name, timeout_s=timeout_s)
     return inference, _response(body, model, inference, outputs)
 
 
@@ -217,8 +215,8 @@ def _requested_outputs(body: InferRequestBody, model: OipModel) -> list[_Output]
         k = output.parameters.get("classification")
         if k is not None and output.name != LOGITS_OUTPUT:
             raise InvalidParameter(f"classification is a parameter of output {LOGITS_OUTPUT}, not {output.name}")
-        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= model.served.num_classes):
-            raise InvalidParameter(f"classification must be an integer from 1 to {model.served.num_classes}, not {k!r}")
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= model.info.num_classes):
+            raise InvalidParameter(f"classification must be an integer from 1 to {model.info.num_classes}, not {k!r}")
         binary = _bool_parameter(output.parameters, "binary_data", default_binary)
         requested.append(_Output(output.name, binary=binary, classification=k))
     return requested
@@ -272,7 +270,7 @@ def _response(body: InferRequestBody, model: OipModel, inference: Inference, out
             values: np.ndarray | list[bytes] = array
         else:
             datatype, shape = "BYTES", [array.shape[0], output.classification]
-            values = _classification(array, output.classification, model.served.labels)
+            values = _classification(array, output.classification, model.labels)
         entry: dict[str, Any] = {"name": output.name, "datatype": datatype, "shape": shape}
         if output.binary:
             data = values.astype("<f4").tobytes() if isinstance(values, np.ndarray) else tensors.pack_bytes(values)

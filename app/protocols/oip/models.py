@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from app.engine.descriptions import ModelInfo
 from app.engine.facade import Engine
-from app.engine.served_model import ServedModel
 from app.errors import ModelNotFound
 
 VERSION = "1"
@@ -26,10 +26,11 @@ EMBEDDING_OUTPUT = "EMBEDDING"
 
 @dataclass(frozen=True, slots=True)
 class OipModel:
-    """An OIP model name resolved to a served model and the kind of input it takes."""
+    """An OIP model name resolved to a served model (its description and labels) and the kind of input it takes."""
 
     name: str
-    served: ServedModel
+    info: ModelInfo
+    labels: list[str]
     takes_pixels: bool
 
     @property
@@ -43,14 +44,14 @@ class OipModel:
     @property
     def input_dims(self) -> list[int]:
         """The shape of one batch element."""
-        return list(self.served.input_shape) if self.takes_pixels else [1]
+        return list(self.info.input_size) if self.takes_pixels else [1]
 
     @property
     def outputs(self) -> dict[str, int]:
         """Each output's name and the length of one batch element's FP32 row."""
-        outputs = {LOGITS_OUTPUT: self.served.num_classes}
-        if self.served.embedding_dim:
-            outputs[EMBEDDING_OUTPUT] = self.served.embedding_dim
+        outputs = {LOGITS_OUTPUT: self.info.num_classes}
+        if self.info.embedding_dim:
+            outputs[EMBEDDING_OUTPUT] = self.info.embedding_dim
         return outputs
 
     def metadata(self) -> dict[str, Any]:
@@ -64,7 +65,7 @@ class OipModel:
 
     def config(self, max_request_batch: int) -> dict[str, Any]:
         """Triton's model configuration, the parts clients and perf_analyzer read."""
-        batching = self.served.batcher.config
+        batching = self.info.batching
         return {
             "name": self.name,
             "platform": "pytorch_torchvision",
@@ -84,7 +85,7 @@ class OipModel:
                 "preferred_batch_size": [batching.max_batch_size],
                 "max_queue_delay_microseconds": int(batching.max_queue_delay_ms * 1000),
             },
-            "instance_group": [{"count": 1, "kind": "KIND_GPU" if self.served.on_gpu else "KIND_CPU"}],
+            "instance_group": [{"count": 1, "kind": "KIND_GPU" if self.info.on_gpu else "KIND_CPU"}],
         }
 
 
@@ -92,14 +93,14 @@ def resolve(engine: Engine, name: str, version: str | None = None) -> OipModel:
     """`m` or `m_pixels` -> the served model; a version other than "1" is not found."""
     if version is not None and version != VERSION:
         raise ModelNotFound(f"model {name!r} has no version {version!r}; its only version is {VERSION!r}")
-    served = {m.name: m for m in engine.models}
-    if name in served:
-        return OipModel(name, served[name], takes_pixels=False)
+    served = engine.names()
     base = name.removesuffix(PIXELS_SUFFIX)
+    if name in served:
+        return OipModel(name, engine.describe(name), engine.labels(name), takes_pixels=False)
     if base != name and base in served:
-        return OipModel(name, served[base], takes_pixels=True)
+        return OipModel(name, engine.describe(base), engine.labels(base), takes_pixels=True)
     raise ModelNotFound(f"no model named {name!r}; served: {', '.join(names(engine))}")
 
 
 def names(engine: Engine) -> list[str]:
-    return [n for m in engine.models for n in (m.name, m.name + PIXELS_SUFFIX)]
+    return [n for m in engine.names() for n in (m, m + PIXELS_SUFFIX)]

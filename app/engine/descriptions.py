@@ -1,0 +1,94 @@
+"""What the engine says about a served model: plain, typed descriptions that the HTTP layer and the metrics read (they
+never see a `ServedModel` or its batcher). One definition each: the API's `/v1/models` answers and documents these
+very types (pydantic reads their field descriptions)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from app.config.settings import BatchingConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """What the warm-up timed on this device, for a client to size its batches and timeouts by."""
+
+    batch_size: Annotated[int, Field(description="The largest batch, timed.")]
+    images_per_s: Annotated[float, Field(description="Throughput at that batch size.")]
+    latency_ms_batch1: Annotated[float, Field(description="One image alone, through the forward.")]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A served model: what it is, how it runs, and whether it is ready."""
+
+    name: str
+    arch: str
+    weights: str
+    num_params: int
+    input_size: Annotated[list[int], Field(description="One preprocessed image: [3, height, width].")]
+    num_classes: int
+    embedding_dim: Annotated[int, Field(description="Floats per embedding from /embed (0: served without embeddings).")]
+    explain: Annotated[bool, Field(description="Whether /explain is served (the model's attention can be read).")]
+    device: str
+    dtype: str
+    batching: BatchingConfig
+    preprocess: dict[str, Any]
+    acceleration: Annotated[
+        dict[str, Any],
+        Field(
+            description="How batches run: compile, cuda_graphs, batch_buckets, decode_device, pipeline_depth, "
+            "max_images_per_forward."
+        ),
+    ]
+    measured: Annotated[
+        Measured | None,
+        Field(
+            description="What the warm-up timed on this device (null while warming up): a client sizes its batches "
+            "and timeouts by it."
+        ),
+    ]
+    ready: bool
+    request_timeout_s: Annotated[
+        float | None, Field(description="The deadline of a request to this model, in seconds: past it, 504.")
+    ] = None
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def as_json(self) -> dict[str, Any]:
+        fields = dataclasses.asdict(self)
+        fields["batching"] = self.batching.model_dump()
+        return fields
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatus:
+    """A served model's state now, read often (the metrics' gauges): cheap, unlike `ModelInfo`."""
+
+    ready: bool
+    queue_depth: int  # images admitted and not yet computed
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRecord:
+    """What one batch did (an engine event, for the metrics)."""
+
+    size: int
+    queue_waits_s: list[float]  # each image's, until the batch started
+    run_s: float
+    failed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RepositoryEntry:
+    """A model of the model repository, or one served: whether it is served, and ready."""
+
+    name: str
+    served: bool
+    ready: bool
