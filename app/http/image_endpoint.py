@@ -12,6 +12,7 @@ from starlette.responses import Response
 
 from app.engine.facade import Engine, Timings
 from app.http.bodies import read_images
+from app.http.dependencies import engine_of
 from app.http.disconnect import until_disconnected
 from app.http.responses import JSONResponse
 from app.http.timing import server_timing, timing_fields
@@ -35,7 +36,7 @@ async def answer(
 ) -> Response:
     """Read the request, `work(engine, images, options)`, and answer `body(result, options)`: JSON, unless it made
     a response of its own."""
-    engine: Engine = request.app.state.engine
+    engine = engine_of(request)
     read = await read_images(request, max_images=engine.limits.max_images_per_request, options=options)
     request.state.log_fields = {"images": len(read.images)}
     result = await until_disconnected(request, work(engine, read.images, read.options))

@@ -13,6 +13,7 @@ from app.config.settings import Settings
 from app.engine.descriptions import ModelInfo
 from app.engine.facade import Engine
 from app.errors import BadRequest, Forbidden, NotReady
+from app.http.dependencies import engine_of, settings_of
 from app.http.responses import JSONResponse
 from app.http.schemas import ERROR_RESPONSES
 from app.protocols.json_bounds import parse_json
@@ -88,8 +89,8 @@ async def repository_unload(request: Request, name: str) -> Response:
 
 
 def _controlled(request: Request) -> tuple[Engine, Settings]:
-    settings: Settings = request.app.state.settings
-    engine: Engine = request.app.state.engine
+    settings = settings_of(request)
+    engine = engine_of(request)
     if not settings.model_control:
         raise Forbidden(
             "model control is off: start the server with --model-control (and an API key) to load and unload models",

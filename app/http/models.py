@@ -6,8 +6,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from app.engine.descriptions import ModelInfo
-from app.engine.facade import Engine
-from app.http.dependencies import ModelName
+from app.http.dependencies import ModelName, engine_of
 from app.http.responses import JSONResponse
 from app.http.schemas import ERROR_RESPONSES, ModelList
 
@@ -16,7 +15,7 @@ router = APIRouter(tags=["models"])
 
 @router.get("/v1/models", response_model=ModelList, summary="List the served models")
 async def list_models(request: Request) -> Response:
-    engine: Engine = request.app.state.engine
+    engine = engine_of(request)
     models = [engine.describe(name).as_json() for name in engine.names()]
     return JSONResponse({"default": engine.default_model, "models": models})
 
@@ -28,5 +27,5 @@ async def list_models(request: Request) -> Response:
     summary="Describe a model",
 )
 async def get_model(request: Request, name: str, model: ModelName) -> Response:
-    engine: Engine = request.app.state.engine
+    engine = engine_of(request)
     return JSONResponse(engine.describe(model).as_json())

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from app import __version__
-from app.engine.facade import Engine
 from app.errors import BadRequest
+from app.http.dependencies import engine_of, settings_of
 from app.http.disconnect import until_disconnected
 from app.http.off_loop import parse_off_loop
 from app.http.responses import JSONResponse
@@ -30,7 +30,7 @@ async def oip_model(request: Request) -> OipModel:
     """`{name}` (and `{version}`) of the path -> the model; 404 if unknown, noted for logs and metrics. `async`, as
     every handler here: FastAPI would run a plain `def` in its thread pool, a thread round trip a request."""
     params = request.path_params
-    model = resolve(request.app.state.engine, params["name"], params.get("version"))
+    model = resolve(engine_of(request), params["name"], params.get("version"))
     request.state.model = model.info.name
     return model
 
@@ -46,7 +46,7 @@ READY_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 @router.get("/v2", summary="Server metadata")
 async def server_metadata(request: Request) -> Response:
-    extensions = [*EXTENSIONS, "model_repository"] if request.app.state.settings.model_control else EXTENSIONS
+    extensions = [*EXTENSIONS, "model_repository"] if settings_of(request).model_control else EXTENSIONS
     return JSONResponse({"name": "vit-serve", "version": __version__, "extensions": extensions})
 
 
@@ -59,7 +59,7 @@ async def server_live() -> Response:
     "/v2/health/ready", summary="Server ready (200) or not (400, as the protocol says)", responses=READY_RESPONSES
 )
 async def server_ready(request: Request) -> Response:
-    engine: Engine = request.app.state.engine
+    engine = engine_of(request)
     return _readiness(engine.ready)
 
 
@@ -72,7 +72,7 @@ async def model_ready(model: Model) -> Response:
 
 
 async def model_config(request: Request, model: Model) -> Response:
-    engine: Engine = request.app.state.engine
+    engine = engine_of(request)
     return JSONResponse(model.config(max_request_batch=engine.limits.max_images_per_request))
 
 
@@ -111,7 +111,7 @@ INFER_DOC: dict[str, Any] = {
 
 
 async def infer(request: Request, model: Model) -> Response:
-    engine: Engine = request.app.state.engine
+    engine = engine_of(request)
     body = await request.body()
     max_images = engine.limits.max_images_per_request
     parsed = await parse_off_loop(len(body), parse_request, body, _header_length(request), model, max_images=max_images)

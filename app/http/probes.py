@@ -7,7 +7,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from app.engine.facade import Engine
+from app.http.dependencies import engine_of
 from app.http.responses import JSONResponse
 from app.http.schemas import Liveness, Readiness
 
@@ -21,7 +21,7 @@ async def healthz() -> Response:
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"description": "Not ready"}}, summary="Readiness")
 async def readyz(request: Request) -> Response:
-    engine: Engine = request.app.state.engine
+    engine = engine_of(request)
     models = {name: engine.status(name).ready for name in engine.names()}
     reason = engine.not_ready_reason()
     if reason is None:
