@@ -24,6 +24,7 @@ from app.config.settings import Settings
 from app.engine.batcher import Batcher, Completed
 from app.engine.decode_pool import DecodePool
 from app.engine.descriptions import BatchRecord, ModelInfo, ModelStatus, RepositoryEntry
+from app.engine.loading import ModelLoader
 from app.engine.served_model import ServedModel
 from app.errors import (
     BadRequest,
@@ -40,9 +41,8 @@ from app.errors import (
 from app.pipeline import postprocess
 from app.pipeline.image_scan import ImageLimits
 from app.pipeline.postprocess import ImageOutput, Prediction
-from app.runtime.device import check_acceleration, resolve_device, resolve_dtype
 from app.runtime.lanes import Prepared
-from app.sources.registry import load_model, read_config
+from app.sources.registry import read_config
 
 log = logging.getLogger(__name__)
 
@@ -207,40 +207,7 @@ class Engine:
     @classmethod
     def load(cls, settings: Settings) -> Engine:
         """Read every named model's config and load its weights (blocking; raises `ModelLoadError`)."""
-        device = resolve_device(settings.device)
-        dtype = resolve_dtype(settings.dtype, device)
-        acceleration = settings.acceleration()
-        check_acceleration(acceleration, device)
-
-        def load(name: str) -> ServedModel:
-            config = read_config(
-                settings.model_repository,
-                name,
-                weights_override=settings.weights if name == settings.default_model else None,
-            )
-            loaded = load_model(config, device=device, dtype=dtype, cache_dir=settings.weights_cache_dir)
-            model = ServedModel(
-                config.name,
-                config.arch,
-                loaded,
-                device=device,
-                dtype=dtype,
-                batching=config.batching_config(settings.batching(on_cpu=device.type == "cpu")),
-                acceleration=acceleration,
-            )
-            info = model.info()
-            log.info(
-                "model %r loaded: %s, weights %s, %s %s, %d parameters, batching %s",
-                info.name,
-                info.arch,
-                info.weights,
-                info.device,
-                info.dtype,
-                info.num_params,
-                info.batching,
-                extra={"fields": _startup_fields(info)},
-            )
-            return model
+        load = ModelLoader(settings)
 
         for name in settings.model:  # every config read first: a typo in the last fails before any weights load
             read_config(settings.model_repository, name)
@@ -457,7 +424,7 @@ class Engine:
         k = _top_k(served, top_k)
         explained, timings = await self._run(
             served,
-            served.explainer,
+            served.explainer.batcher,
             len(images),
             lambda deadline: self._prepare_all(served, images, served.prepare_on_cpu, deadline),
             timeout_s,
@@ -465,7 +432,9 @@ class Engine:
         )
         overlays: list[bytes | None] = [None] * len(explained)
         if overlay:
-            overlays = list(await asyncio.gather(*(self.decode_pool.run(served.overlay_png, e) for e in explained)))
+            overlays = list(
+                await asyncio.gather(*(self.decode_pool.run(served.explainer.overlay_png, e) for e in explained))
+            )
         results = [
             Explanation(postprocess.top_k(e.output, k, served.labels, with_logits=False), e.heat.numpy(), png)
             for e, png in zip(explained, overlays, strict=True)
@@ -612,13 +581,6 @@ async def _warm(model: ServedModel) -> None:
             }
         },
     )
-
-
-def _startup_fields(info: ModelInfo) -> dict[str, object]:
-    fields = info.as_json()
-    fields["model"] = fields.pop("name")
-    del fields["ready"], fields["request_timeout_s"]
-    return fields
 
 
 def _top_k(served: ServedModel, top_k: int | None) -> int:

@@ -1,4 +1,5 @@
-"""One served model: its module, labels and preprocessing, and the batcher in front of its forward pass."""
+"""One served model: its module, labels and preprocessing, the batcher in front of its forward pass (classify and
+embed), its warm-up and description; its explanations are an `Explainer` of their own."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from torch import nn
 from app.config.settings import AccelerationConfig, BatchingConfig
 from app.engine.batcher import Batcher
 from app.engine.descriptions import BatchRecord, Measured, ModelInfo, ModelStatus
+from app.engine.explainer import Explainer
 from app.errors import ServeError
-from app.pipeline import overlay
 from app.pipeline.decode import decode
 from app.pipeline.gpu_decode import probe_jpeg
 from app.pipeline.image_scan import NO_LIMITS, ImageLimits, check_size, check_structure
@@ -33,21 +34,9 @@ from app.runtime.device import dtype_name
 from app.runtime.lanes import Lane, LaneSpec, Prepared
 from app.runtime.memory import forward_bytes_per_image, images_per_forward
 from app.runtime.runner import batch_buckets, build_forward, compile_module
-from app.sources.attention import rollout
 from app.sources.base import LoadedModel
 
 log = logging.getLogger(__name__)
-
-EXPLAIN_MAX_BATCH = 8  # attention weights of every layer are kept for a whole batch: (n, heads, T, T) per layer
-
-
-@dataclass(frozen=True, slots=True)
-class Explained:
-    """One image through the attention-reading forward: its outputs, its rollout map, and the pixels it saw."""
-
-    output: ImageOutput
-    heat: torch.Tensor  # (rows, cols) float32, summing to 1
-    pixels: torch.Tensor  # (3, h, w) preprocessed
 
 
 class ModelEvents(Protocol):
@@ -110,13 +99,11 @@ class ServedModel:
         self.batcher: Batcher[Prepared, ImageOutput] = Batcher(
             self.forward, batching, name=name, on_batch=self._batch_done, max_in_flight=self.pipeline_depth
         )
-        # Explanations run eagerly through the same weights in a queue of their own, so the classify path (graphed or
-        # compiled, one output) is untouched by them; None when this model's attention cannot be read.
-        explain_batching = batching.model_copy(
-            update={"max_batch_size": min(batching.max_batch_size, EXPLAIN_MAX_BATCH)}
-        )
-        self.explainer: Batcher[torch.Tensor, Explained] | None = (
-            Batcher(self.explain, explain_batching, name=f"{name}/explain") if loaded.attention is not None else None
+        # None when this model's attention cannot be read
+        self.explainer = (
+            Explainer(name, loaded.attention, loaded.preprocessing, device=device, dtype=dtype, batching=batching)
+            if loaded.attention is not None
+            else None
         )
 
     def _batch_done(self, record: BatchRecord) -> None:
@@ -159,27 +146,6 @@ class ServedModel:
     def prepare_on_cpu(self, data: bytes, limits: ImageLimits) -> torch.Tensor:
         """Decode and preprocess one image on the CPU, exactly (the explain path): bytes -> (3, crop, crop) float32."""
         return preprocess(decode(data, limits=limits, resize_side=self.resize_side), self._preprocessor)
-
-    def explain(self, images: list[torch.Tensor]) -> list[Explained]:
-        """One batch through the attention-reading forward: outputs and rollout maps. On the explainer's thread."""
-        with torch.inference_mode():
-            pixels = torch.stack(images).to(self._device, self._dtype)
-            assert self._loaded.attention is not None  # no explainer otherwise
-            found = self._loaded.attention(pixels)
-            maps = rollout(found.layers, found.prefix_tokens, found.grid).float().cpu()
-            logits = found.logits.float().cpu()
-        probs = logits.softmax(dim=-1)
-        empty = torch.empty(0)
-        return [
-            Explained(ImageOutput(logits=logits[i], probs=probs[i], embedding=empty), maps[i], images[i])
-            for i in range(len(images))
-        ]
-
-    def overlay_png(self, explained: Explained) -> bytes:
-        """The rollout map laid over the image the model saw (resized, cropped), as a PNG."""
-        preprocessing = self._loaded.preprocessing
-        view = overlay.model_view(explained.pixels, preprocessing.mean, preprocessing.std)
-        return overlay.overlay_png(view, explained.heat)
 
     def forward(self, images: list[Prepared]) -> list[ImageOutput | ServeError]:
         """Run one batch in a free lane: n prepared images -> n outputs. Runs on one of the batcher's threads."""
@@ -317,11 +283,11 @@ class ServedModel:
         await asyncio.get_running_loop().run_in_executor(None, self.warm_up)
         await self.batcher.start()
         if self.explainer is not None:
-            await self.explainer.start()
+            await self.explainer.batcher.start()
 
     async def stop(self, timeout_s: float) -> None:
         self._stopped.set()  # a warm-up still running skips its remaining steps
-        explainer = self.explainer.stop(timeout_s) if self.explainer is not None else asyncio.sleep(0)
+        explainer = self.explainer.batcher.stop(timeout_s) if self.explainer is not None else asyncio.sleep(0)
         await asyncio.gather(self.batcher.stop(timeout_s), explainer)
 
     def status(self) -> ModelStatus:

@@ -46,7 +46,7 @@ async def test_explain_gives_classifys_top_k_and_a_distribution_over_the_patch_g
     body = explained.json()
     assert body["model"] == "tiny" and len(body["explanations"]) == 4
     explainer = engine.model().explainer
-    assert explainer is not None and explainer.stats.batch_sizes[-1] == 4  # the four images: one explain batch
+    assert explainer is not None and explainer.batcher.stats.batch_sizes[-1] == 4  # the four images: one explain batch
     maps = []
     for explanation, prediction in zip(body["explanations"], classified.json()["predictions"], strict=True):
         assert [c["index"] for c in explanation["top_k"]] == [c["index"] for c in prediction["top_k"][:3]]
