@@ -64,14 +64,16 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /opt/vit-serve
 # Largest and most stable first: dependencies, then weights, then the project, then the model configs.
 COPY --from=deps /opt/venv /opt/venv
-COPY --from=weights /weights /opt/vit-serve/weights
+# Owned by the service's user: weights not baked in are downloaded here at start-up (root's would refuse them).
+COPY --from=weights --chown=${UID}:${UID} /weights /opt/vit-serve/weights
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-deps /wheels/*.whl
 COPY models /opt/vit-serve/models
 USER ${UID}:${UID}
 EXPOSE 8000
 # Liveness through the service's own /healthz, with the Python the image already has (no curl in slim images).
-# The start period covers loading and warming up the model: the port opens only when that is done.
+# The start period covers loading the model: the port opens once it is loaded (readiness, /readyz, follows when the
+# warm-up is done).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('VIT_PORT', '8000')}/healthz\", timeout=4)"]
 # Exec form: vit-serve is PID 1 and gets SIGTERM itself, stops accepting, drains for VIT_DRAIN_TIMEOUT_S and exits.

@@ -12,7 +12,7 @@ CHROMIUM := $(or $(shell command -v chromium 2>/dev/null),/usr/bin/chromium)
 WRK := $(or $(shell command -v wrk 2>/dev/null),/usr/bin/wrk)
 STAMP_BENCH := $(VENV)/.installed-bench
 
-.PHONY: run test soak bench lint audit docs clean
+.PHONY: run test soak bench lint audit docs clean image image-test
 
 # PyPI's torch for Linux x86_64 is the CUDA build: of a 5.4 GiB venv, 4.0 GiB are CUDA libraries and triton
 # (measured: bench/results/2026-12-01-first-answer-amd-epyc-2core.md). A machine without a GPU can install PyTorch's
@@ -71,6 +71,19 @@ soak: $(STAMP_TEST)
 # bench/results/<date>-<machine>.{md,json,png}. BENCH_ARGS="--quick" for a 3-minute smoke run.
 bench: $(STAMP_BENCH) $(WRK)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# The container image from the Dockerfile, with Docker where its daemon answers, else with buildah (installed when
+# missing), on a Debian base made once with debootstrap where no registry can be reached (cached in
+# ~/.cache/vit-serve): tests/support/container_image.py. Build arguments as KEY=VALUE words, e.g. offline:
+# `make image IMAGE_BUILD_ARGS="BAKE_WEIGHTS="`. Docs: docs/deployment/container.md.
+IMAGE_BUILD_ARGS ?=
+image:
+	$(PYTHON) -m tests.support.container_image build $(foreach arg,$(IMAGE_BUILD_ARGS),--build-arg $(arg))
+
+# Builds the image where needed (the layer cache makes an unchanged one quick), starts the server from it and checks
+# it: tests/deployment/test_image.py, kept out of `make test` (5 minutes from nothing, 1 when cached); .ci/run runs it.
+image-test: $(STAMP_TEST)
+	VIT_IMAGE_BUILD_ARGS="$(IMAGE_BUILD_ARGS)" $(BIN)/python -m pytest -q -m image tests/deployment/test_image.py
 
 lint: $(STAMP_TEST)
 	$(BIN)/ruff check app clients tests bench docs/hooks
