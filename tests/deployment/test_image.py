@@ -178,8 +178,8 @@ def test_weights_not_baked_in_can_be_downloaded_into_the_cache_at_start_up(image
 
 
 def test_the_served_image_answers_as_the_source_tree_does(image: Image, tmp_path: Path) -> None:
-    """Ready, its HEALTHCHECK passes inside the container, /metrics answers, and a photograph's classification
-    equals the source tree's server's answer for the same weights (fp32 on the CPU, within 1e-5)."""
+    """Ready, its HEALTHCHECK passes inside the container, /metrics and the demo page answer, and a photograph's
+    classification equals the source tree's server's answer for the same weights (fp32 on the CPU, within 1e-5)."""
     models = shared_model(tmp_path / "models")
     body = jpeg(photo("astronaut"))
     health = image.config["Healthcheck"]["Test"]
@@ -191,6 +191,9 @@ def test_the_served_image_answers_as_the_source_tree_does(image: Image, tmp_path
             f"{served.url}/v1/classify", content=body, headers={"Content-Type": "image/jpeg"}, timeout=60
         )
         metrics = httpx.get(f"{served.url}/metrics", timeout=10)
+        page, script = (httpx.get(f"{served.url}{path}", timeout=10) for path in ("/", "/static/demo.js"))
+    assert page.status_code == 200 and "static/demo.js" in page.text  # the demo page ships in the wheel
+    assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
     assert from_image.status_code == 200, from_image.text
     assert metrics.status_code == 200 and 'vit_images_total{model="tiny"} 1.0' in metrics.text
     with tiny_server(tmp_path / "source") as (source_url, _):
