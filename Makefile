@@ -8,6 +8,8 @@ STAMP_TEST := $(VENV)/.installed-dev
 NGINX := $(or $(shell command -v nginx 2>/dev/null),/usr/sbin/nginx)
 # The demo page's end-to-end test drives Debian's chromium through Playwright (executable_path: no browser download).
 CHROMIUM := $(or $(shell command -v chromium 2>/dev/null),/usr/bin/chromium)
+# The Spark batch test runs on Debian's Java runtime (OpenJDK 17 on Debian 12; Spark 4 needs 17 or later).
+JAVA := $(or $(shell command -v java 2>/dev/null),/usr/bin/java)
 # The benchmark's load generator, Debian's wrk.
 WRK := $(or $(shell command -v wrk 2>/dev/null),/usr/bin/wrk)
 STAMP_BENCH := $(VENV)/.installed-bench
@@ -51,10 +53,15 @@ $(CHROMIUM):
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
 
+$(JAVA):
+	@echo "installing Debian's Java runtime for the Spark batch test (needs root)"
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends default-jre-headless
+
 run: $(STAMP_RUN)
 	$(BIN)/vit-serve serve
 
-test: $(STAMP_TEST) $(NGINX) $(CHROMIUM)
+test: $(STAMP_TEST) $(NGINX) $(CHROMIUM) $(JAVA)
 	$(BIN)/ruff check app clients tests bench docs/hooks
 	$(BIN)/ruff format --check app clients tests bench docs/hooks
 	$(BIN)/mypy
@@ -68,9 +75,11 @@ soak: $(STAMP_TEST)
 	$(BIN)/python -m pytest -q -s -m soak
 
 # The benchmark matrix against vit-serve, the baseline and the offline limit, measured in one sitting (~15 min):
-# bench/results/<date>-<machine>.{md,json,png}. BENCH_ARGS="--quick" for a 3-minute smoke run.
+# bench/results/<date>-<machine>.{md,json,png}. BENCH_ARGS="--quick" for a 3-minute smoke run. Then the offline rows
+# (`vit-serve batch` local and Ray against the offline limit and predict -> server, ~5 min): BATCH_BENCH_ARGS.
 bench: $(STAMP_BENCH) $(WRK)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/batch.py $(BATCH_BENCH_ARGS)
 
 # The container image from the Dockerfile, with Docker where its daemon answers, else with buildah (installed when
 # missing), on a Debian base made once with debootstrap where no registry can be reached (cached in

@@ -379,7 +379,7 @@ class Engine:
         `top_k` defaults to 5, or every class for a model with fewer.
         """
         served = self.model(model)
-        k = _top_k(served, top_k)
+        k = checked_top_k(served.num_classes, top_k)
         inference = await self.infer(images, model=served.name, timeout_s=timeout_s)
         predictions = [postprocess.top_k(o, k, served.labels, with_logits=logits) for o in inference.outputs]
         return Classification(served.name, predictions, inference.timings)
@@ -421,7 +421,7 @@ class Engine:
                 f"model {served.name!r} cannot be explained: its attention weights cannot be read",
                 code="explain_unsupported",
             )
-        k = _top_k(served, top_k)
+        k = checked_top_k(served.num_classes, top_k)
         explained, timings = await self._run(
             served,
             served.explainer.batcher,
@@ -583,11 +583,11 @@ async def _warm(model: ServedModel) -> None:
     )
 
 
-def _top_k(served: ServedModel, top_k: int | None) -> int:
-    """`top_k` checked against the model, or its default: 5, or every class for a model with fewer."""
-    k = min(DEFAULT_TOP_K, served.num_classes) if top_k is None else top_k
-    if not 1 <= k <= served.num_classes:
-        raise InvalidParameter(f"top_k must be between 1 and {served.num_classes}, not {k}")
+def checked_top_k(num_classes: int, top_k: int | None) -> int:
+    """`top_k` checked against a model of `num_classes`, or its default: 5, or every class for a model with fewer."""
+    k = min(DEFAULT_TOP_K, num_classes) if top_k is None else top_k
+    if not 1 <= k <= num_classes:
+        raise InvalidParameter(f"top_k must be between 1 and {num_classes}, not {k}")
     return k
 
 

@@ -6,16 +6,18 @@ predict` and `--help` start at once.
 
 from __future__ import annotations
 
+import functools
 import signal
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, PositiveInt, ValidationError
 from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand, SettingsConfigDict
 
-from app.config.settings import DEFAULT_MODEL, ModelNames, ModelRepository, Settings, WeightsCacheDir
-from app.errors import ModelLoadError, describe_validation_error
+from app.config.settings import DEFAULT_MODEL, Dtype, ModelNames, ModelRepository, Settings, WeightsCacheDir
+from app.errors import ModelLoadError, ServeError, describe_validation_error
 from app.serve.cli_help import HandWrittenHelp
 
 
@@ -41,6 +43,42 @@ class Download(BaseSettings):
         download(self)
 
 
+class Batch(BaseSettings):
+    """Classify images without a server, here or on a Ray cluster: a row per image, a progress bar, a summary."""
+
+    model_config = SettingsConfigDict(env_prefix="VIT_BATCH_", extra="ignore")
+
+    inputs: CliPositionalArg[list[str]] = Field(
+        description="Folders (walked for images), globs, image files, or Parquet/CSV listings of paths (a 'path' "
+        "column); URLs such as s3:// through fsspec, where installed."
+    )
+    output: Path = Field(description="A folder of Parquet files, or a .jsonl file; each run adds to it.")
+    model: str = Field(DEFAULT_MODEL, description="The model (a folder of the model repository).")
+    model_repository: ModelRepository = Path("models")
+    engine: Literal["local", "ray"] = Field(
+        "local", description="local: this process; ray: actors of a Ray cluster (the ray extra)."
+    )
+    address: str | None = Field(None, description="The Ray cluster (default: a local one, started for the job).")
+    concurrency: PositiveInt = Field(1, description="Ray actors, each with its own copy of the model.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per Ray actor.")
+    batch_size: PositiveInt = Field(64, description="Images per Ray batch.")
+    top_k: PositiveInt | None = Field(None, description="Classes per image (default: 5, or every class for fewer).")
+    logits: bool = Field(False, description="Write each image's logits.")
+    embeddings: bool = Field(False, description="Write each image's embedding.")
+    resume: bool = Field(False, description="Skip the images the output already holds without an error; add to it.")
+    progress: bool = Field(True, description="A progress bar on stderr, with images/s and ETA.")
+    device: str | None = Field(
+        None,
+        description="As serve's --device (default: VIT_DEVICE, else auto). The server's other settings "
+        "(VIT_MAX_BATCH_SIZE, VIT_DECODE_WORKERS, ...) are read from their variables, as serve reads them.",
+    )
+    dtype: Dtype | None = Field(None, description="As serve's --dtype (default: VIT_DTYPE, else auto).")
+    weights: str | None = Field(None, description="As serve's --weights.")
+
+    def cli_cmd(self) -> None:
+        sys.exit(batch(self))
+
+
 # `predict` is the client's command (vit-serve-client, which this package includes): `main` hands it over, with its
 # own parser. This model only lists it here.
 class Predict(BaseModel):
@@ -63,6 +101,7 @@ class VitServe(BaseSettings):
     serve: CliSubCommand[Serve]
     download: CliSubCommand[Download]
     predict: CliSubCommand[Predict]
+    batch: CliSubCommand[Batch]
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)
@@ -93,6 +132,47 @@ def download(command: Download) -> None:
             print(f"{name}: {config.arch}.{config.weights} in {path}")
 
 
+def batch(command: Batch) -> int:
+    """`vit-serve batch`; the exit status: 0 when every image was classified, 1 when any failed, 2 when the job could
+    not start."""
+    from app.batch.extras import MissingExtra
+    from app.batch.job import Job, JobError, run
+
+    given: dict[str, Any] = {"device": command.device, "dtype": command.dtype, "weights": command.weights}
+    settings = Settings(
+        model=[command.model],
+        model_repository=command.model_repository,
+        **{name: value for name, value in given.items() if value is not None},  # else as VIT_* say
+    )
+    job = Job(
+        inputs=command.inputs,
+        output=command.output,
+        settings=settings,
+        model=command.model,
+        engine=command.engine,
+        top_k=command.top_k,
+        logits=command.logits,
+        embedding=command.embeddings,
+        resume=command.resume,
+        address=command.address,
+        concurrency=command.concurrency,
+        num_gpus=command.num_gpus,
+        batch_size=command.batch_size,
+        progress=command.progress,
+    )
+    say = functools.partial(print, file=sys.stderr)
+    try:
+        summary = run(job, say=say)
+    except (JobError, MissingExtra, ModelLoadError, OSError) as error:
+        say(f"vit-serve batch: {error}")
+        return 2
+    except ServeError as error:  # an option the model refuses (e.g. --top-k above its classes)
+        say(f"vit-serve batch: {error.message}")
+        return 2
+    say(summary.text())
+    return 1 if summary.failed else 0
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["predict"]:
@@ -104,7 +184,9 @@ def main(argv: list[str] | None = None) -> None:
         # has been accepted: SIGTERM is a clean stop, not a death by signal (a pod deleted while it starts).
         signal.signal(signal.SIGTERM, _stop_before_serving)
     try:
-        CliApp.run(VitServe, cli_args=args, cli_settings_source=HandWrittenHelp(VitServe, commands=[Serve, Download]))
+        CliApp.run(
+            VitServe, cli_args=args, cli_settings_source=HandWrittenHelp(VitServe, commands=[Serve, Download, Batch])
+        )
     except ValidationError as exc:
         sys.exit(f"vit-serve: invalid setting: {describe_validation_error(exc)}")
     except ModelLoadError as exc:

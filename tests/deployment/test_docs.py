@@ -67,7 +67,7 @@ def test_every_setting_is_in_the_settings_reference(site: Path) -> None:
 
 def test_every_cli_flag_is_in_the_cli_reference(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
     text = page_text(site, "reference/cli")
-    for subcommand in ("serve", "download", "predict"):
+    for subcommand in ("serve", "download", "predict", "batch"):
         with pytest.raises(SystemExit):
             main([subcommand, "--help"])
         flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", capsys.readouterr().out)) - {"--help"}
