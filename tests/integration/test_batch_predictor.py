@@ -18,8 +18,7 @@ from app.config.settings import Settings
 from app.engine.facade import Engine
 from app.engine.predictor import Predictor, ReadImage
 from app.errors import InvalidParameter
-from tests.support.batch_images import BAD, write_image_folder
-from tests.support.fakes import tiny_vit, write_model_folder
+from tests.support.batch_images import BAD, write_image_folder, write_tiny_repository
 from tests.support.inprocess import ClientFactory
 from tests.support.photos import photo_jpegs
 
@@ -28,9 +27,7 @@ FP32_ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("models")
-    write_model_folder(root, "tiny", tiny_vit(image_size=64, num_classes=10))
-    return root
+    return write_tiny_repository(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

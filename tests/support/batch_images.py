@@ -9,12 +9,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tests.support.fakes import tiny_vit, write_model_folder
 from tests.support.photos import jpeg, photo
 
 GENERATED = 190
 PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "camera")
 FORMATS = (("PNG", ".png"), ("JPEG", ".jpg"), ("WEBP", ".webp"), ("BMP", ".bmp"), ("GIF", ".gif"))
 BAD = ("truncated.jpg", "random.jpg", "notes.png", "empty.png", "gone.jpg")
+
+
+def write_tiny_repository(root: Path) -> Path:
+    """A model repository with one model, `tiny`: a random-weight ViT of 64x64 images and 10 classes."""
+    write_model_folder(root, "tiny", tiny_vit(image_size=64, num_classes=10))
+    return root
 
 
 def write_image_folder(root: Path) -> list[Path]:

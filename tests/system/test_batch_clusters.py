@@ -18,8 +18,7 @@ from app.batch.job import Job, run
 from app.batch.outputs import read_rows
 from app.batch.spark import SparkPredictor, spark_schema
 from app.config.settings import Settings
-from tests.support.batch_images import BAD, write_image_folder
-from tests.support.fakes import tiny_vit, write_model_folder
+from tests.support.batch_images import BAD, write_image_folder, write_tiny_repository
 
 pytestmark = [
     pytest.mark.slow,  # a Ray cluster and a Spark JVM are processes
@@ -32,8 +31,7 @@ Rows = dict[str, dict[str, Any]]
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    root = tmp_path_factory.mktemp("models")
-    write_model_folder(root, "tiny", tiny_vit(image_size=64, num_classes=10))
+    root = write_tiny_repository(tmp_path_factory.mktemp("models"))
     return Settings(model_repository=root, model=["tiny"], device="cpu")
 
 
