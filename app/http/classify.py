@@ -8,28 +8,11 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from app.engine.facade import Classification, Engine
-from app.http.dependencies import ModelName
-from app.http.image_endpoint import answer
-from app.http.schemas import ERROR_RESPONSES, ClassifyJSON, ClassifyOptions, ClassifyResponse, image_body_doc
+from app.http.image_endpoint import answer, image_routes
+from app.http.schemas import ClassifyJSON, ClassifyOptions, ClassifyResponse
 from app.pipeline.postprocess import ClassScore
 
 router = APIRouter(tags=["classify"])
-
-_ROUTE: dict[str, Any] = {
-    "response_model": ClassifyResponse,
-    "responses": ERROR_RESPONSES,
-    "openapi_extra": image_body_doc(ClassifyJSON),
-}
-
-
-@router.post("/v1/classify", summary="Classify images with the default model", **_ROUTE)
-async def classify_default(request: Request, model: ModelName) -> Response:
-    return await classify(request, model)
-
-
-@router.post("/v1/models/{name}/classify", summary="Classify images with a named model", **_ROUTE)
-async def classify_with(request: Request, name: str, model: ModelName) -> Response:
-    return await classify(request, model)
 
 
 async def classify(request: Request, model: str) -> Response:
@@ -37,6 +20,16 @@ async def classify(request: Request, model: str) -> Response:
         return await engine.classify(images, model=model, top_k=options.top_k, logits=options.logits)
 
     return await answer(request, ClassifyOptions, work, classification_body)
+
+
+image_routes(
+    router,
+    "classify",
+    classify,
+    summaries=("Classify images with the default model", "Classify images with a named model"),
+    response_model=ClassifyResponse,
+    json_body=ClassifyJSON,
+)
 
 
 def classification_body(result: Classification, options: ClassifyOptions) -> dict[str, Any]:

@@ -9,27 +9,10 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from app.engine.facade import Embeddings, Engine
-from app.http.dependencies import ModelName
-from app.http.image_endpoint import answer
-from app.http.schemas import ERROR_RESPONSES, EmbedJSON, EmbedOptions, EmbedResponse, image_body_doc
+from app.http.image_endpoint import answer, image_routes
+from app.http.schemas import EmbedJSON, EmbedOptions, EmbedResponse
 
 router = APIRouter(tags=["embed"])
-
-_ROUTE: dict[str, Any] = {
-    "response_model": EmbedResponse,
-    "responses": ERROR_RESPONSES,
-    "openapi_extra": image_body_doc(EmbedJSON),
-}
-
-
-@router.post("/v1/embed", summary="Embed images with the default model", **_ROUTE)
-async def embed_default(request: Request, model: ModelName) -> Response:
-    return await embed(request, model)
-
-
-@router.post("/v1/models/{name}/embed", summary="Embed images with a named model", **_ROUTE)
-async def embed_with(request: Request, name: str, model: ModelName) -> Response:
-    return await embed(request, model)
 
 
 async def embed(request: Request, model: str) -> Response:
@@ -37,6 +20,16 @@ async def embed(request: Request, model: str) -> Response:
         return await engine.embed(images, model=model, normalize=options.normalize)
 
     return await answer(request, EmbedOptions, work, embeddings_body)
+
+
+image_routes(
+    router,
+    "embed",
+    embed,
+    summaries=("Embed images with the default model", "Embed images with a named model"),
+    response_model=EmbedResponse,
+    json_body=EmbedJSON,
+)
 
 
 def embeddings_body(result: Embeddings, options: EmbedOptions) -> dict[str, Any]:

@@ -10,27 +10,10 @@ from starlette.responses import Response
 
 from app.engine.facade import Engine, Explanations
 from app.http.classify import scores
-from app.http.dependencies import ModelName
-from app.http.image_endpoint import answer
-from app.http.schemas import ERROR_RESPONSES, ExplainJSON, ExplainOptions, ExplainResponse, image_body_doc
+from app.http.image_endpoint import answer, image_routes
+from app.http.schemas import ERROR_RESPONSES, ExplainJSON, ExplainOptions, ExplainResponse
 
 router = APIRouter(tags=["explain"])
-
-_ROUTE: dict[str, Any] = {
-    "response_model": ExplainResponse,
-    "responses": {**ERROR_RESPONSES, 200: {"content": {"image/png": {}}}},
-    "openapi_extra": image_body_doc(ExplainJSON),
-}
-
-
-@router.post("/v1/explain", summary="Explain the default model's classification of images", **_ROUTE)
-async def explain_default(request: Request, model: ModelName) -> Response:
-    return await explain(request, model)
-
-
-@router.post("/v1/models/{name}/explain", summary="Explain a named model's classification of images", **_ROUTE)
-async def explain_with(request: Request, name: str, model: ModelName) -> Response:
-    return await explain(request, model)
 
 
 async def explain(request: Request, model: str) -> Response:
@@ -45,6 +28,20 @@ async def explain(request: Request, model: str) -> Response:
         return explanations_body(result)
 
     return await answer(request, ExplainOptions, work, body)
+
+
+image_routes(
+    router,
+    "explain",
+    explain,
+    summaries=(
+        "Explain the default model's classification of images",
+        "Explain a named model's classification of images",
+    ),
+    response_model=ExplainResponse,
+    json_body=ExplainJSON,
+    responses={**ERROR_RESPONSES, 200: {"content": {"image/png": {}}}},
+)
 
 
 def explanations_body(result: Explanations) -> dict[str, Any]:

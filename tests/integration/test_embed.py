@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-import transformers
 from torch import nn
 
 from app.config.settings import Settings
@@ -21,8 +20,7 @@ from app.pipeline.preprocess import Preprocessor, PreprocessParams, build_prepro
 from app.sources.hf_models import HuggingFaceSource, LogitsOf
 from app.sources.timm_models import TimmSource
 from app.sources.torchvision_models import TorchvisionSource
-from tests.integration.test_loading import reference_logits
-from tests.support.fakes import fake_engine, tiny_vit, write_model_folder
+from tests.support.fakes import fake_engine, reference_logits, tiny_hf_vit, tiny_vit, write_model_folder
 from tests.support.inprocess import serve_in_process
 from tests.support.photos import photo_jpegs
 
@@ -163,18 +161,7 @@ async def test_oip_embedding_output_equals_the_v1_embedding(repository: tuple[Pa
 
 
 def test_hf_and_timm_embeddings_are_what_their_libraries_give() -> None:
-    torch.manual_seed(0)
-    config = transformers.ViTConfig(
-        image_size=SIZE,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-    config.num_labels = 7
-    hf = transformers.ViTForImageClassification(config)
-    hf.eval()  # type: ignore[no-untyped-call]  # transformers leaves its `eval` override unannotated
+    hf = tiny_hf_vit(image_size=SIZE, num_labels=7)
     pixels = torch.randn(3, 3, SIZE, SIZE)
     wrapped = HuggingFaceSource().split_head(LogitsOf(hf), SIZE)
     assert wrapped is not None and wrapped.dim == 32

@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from skimage import data as skdata
 
 from app.config.model_config import load_model_config
 from app.config.settings import Settings
 from app.engine.facade import Engine
 from app.errors import ModelLoadError
-from app.pipeline.preprocess import PreprocessParams, build_preprocessor
+from app.pipeline.preprocess import PreprocessParams
 from app.sources.registry import load_model
-from tests.support.fakes import tiny_vit, write_model_folder
+from tests.support.fakes import reference_logits, tiny_vit, write_model_folder
 from tests.support.inprocess import serve_in_process
 
 CPU = torch.device("cpu")
@@ -47,15 +47,6 @@ def _png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def reference_logits(model: torch.nn.Module, data: bytes, params: PreprocessParams) -> np.ndarray:
-    """torchvision directly: model(preset(ImageOps.exif_transpose(img).convert("RGB")))."""
-    preset = build_preprocessor(params)
-    image = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
-    with torch.inference_mode():
-        logits: torch.Tensor = model(preset(image)[None])
-        return logits[0].numpy()
 
 
 @pytest.mark.parametrize("weights_file", ["weights.pth", "weights.safetensors"])

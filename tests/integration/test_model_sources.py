@@ -21,6 +21,7 @@ from timm.data.transforms_factory import create_transform
 from app.config.settings import Settings
 from app.engine.facade import Engine
 from app.errors import ModelLoadError
+from tests.support.fakes import tiny_hf_vit
 from tests.support.inprocess import serve_in_process
 
 LABELS = ["ant", "bee", "cat", "dog", "eel"]
@@ -37,19 +38,7 @@ def photos() -> list[bytes]:
 
 def hf_folder(root: Path, name: str, processor: object) -> transformers.ViTForImageClassification:
     """A small random ViT in Hugging Face layout (`save_pretrained`), with its image processor."""
-    torch.manual_seed(0)
-    config = transformers.ViTConfig(
-        image_size=64,
-        patch_size=16,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        id2label=dict(enumerate(LABELS)),
-        label2id={label: i for i, label in enumerate(LABELS)},
-    )
-    model = transformers.ViTForImageClassification(config)
-    model.eval()  # type: ignore[no-untyped-call]  # transformers leaves its `eval` override unannotated
+    model = tiny_hf_vit(image_size=64, patch_size=16, labels=LABELS)
     torch.nn.init.normal_(model.get_parameter("classifier.weight"), std=1.0)  # spread the logits out
     folder = root / name
     model.save_pretrained(folder)

@@ -6,11 +6,14 @@ import asyncio
 import io
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
@@ -18,8 +21,11 @@ from app.config.settings import AccelerationConfig, BatchingConfig
 from app.engine.facade import Engine, Limits
 from app.engine.served_model import ServedModel
 from app.pipeline.image_scan import ImageLimits
-from app.pipeline.preprocess import PreprocessParams
+from app.pipeline.preprocess import PreprocessParams, build_preprocessor
 from app.sources.base import LoadedModel, Preprocessing
+
+if TYPE_CHECKING:
+    import transformers
 
 FAKE_IMAGE_SIZE = 32
 FAKE_CLASSES = 10
@@ -140,6 +146,41 @@ def image_bytes(color: tuple[int, int, int], *, size: tuple[int, int] = (48, 40)
 
 def distinct_colors(n: int) -> list[tuple[int, int, int]]:
     return [((37 * i) % 256, (91 * i + 40) % 256, (173 * i + 80) % 256) for i in range(n)]
+
+
+def reference_logits(model: torch.nn.Module, data: bytes, params: PreprocessParams) -> np.ndarray:
+    """torchvision directly: model(preset(ImageOps.exif_transpose(img).convert("RGB")))."""
+    preset = build_preprocessor(params)
+    image = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    with torch.inference_mode():
+        logits: torch.Tensor = model(preset(image)[None])
+        return logits[0].numpy()
+
+
+def tiny_hf_vit(
+    *, image_size: int = 32, patch_size: int = 8, labels: Sequence[str] = (), num_labels: int = 10, **config: Any
+) -> transformers.ViTForImageClassification:
+    """A small random Hugging Face `ViTForImageClassification` in eval mode (`labels`, when given, name its classes;
+    `config`: further `ViTConfig` arguments, e.g. `attn_implementation`). Seeded: the same call, the same weights."""
+    import transformers  # the hf extra: only the tests of that source pay for its import
+
+    torch.manual_seed(0)
+    if labels:
+        config |= {"id2label": dict(enumerate(labels)), "label2id": {label: i for i, label in enumerate(labels)}}
+    else:
+        config["num_labels"] = num_labels
+    vit_config = transformers.ViTConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        **config,
+    )
+    model = transformers.ViTForImageClassification(vit_config)
+    model.eval()  # type: ignore[no-untyped-call]  # transformers leaves its `eval` override unannotated
+    return model
 
 
 def tiny_vit(*, image_size: int = 32, num_classes: int = 10, seed: int = 0) -> VisionTransformer:

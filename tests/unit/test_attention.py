@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-import transformers
 from matplotlib import colormaps
 from PIL import Image
 from timm.models.vision_transformer import ResPostBlock
@@ -28,7 +27,7 @@ from app.sources.base import ModelSource
 from app.sources.hf_models import HuggingFaceSource, LogitsOf
 from app.sources.timm_models import TimmSource
 from app.sources.torchvision_models import TorchvisionSource
-from tests.support.fakes import steered_vit
+from tests.support.fakes import steered_vit, tiny_hf_vit
 
 TORCHVISION, HUGGING_FACE, TIMM = TorchvisionSource(), HuggingFaceSource(), TimmSource()
 
@@ -132,18 +131,7 @@ def test_uniform_attention_gives_a_uniform_map() -> None:
 
 
 def hf_vit(attn_implementation: str = "sdpa") -> LogitsOf:
-    # Both are documented `PreTrainedConfig` arguments; its `dataclass_transform` declares only the fields.
-    config = transformers.ViTConfig(  # type: ignore[call-arg]
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=10,
-        attn_implementation=attn_implementation,
-    )
-    return LogitsOf(transformers.ViTForImageClassification(config))
+    return LogitsOf(tiny_hf_vit(attn_implementation=attn_implementation))
 
 
 def timm_vit(name: str = "vit_tiny_patch16_224", **kwargs: Any) -> nn.Module:
