@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from types import TracebackType
 
 import numpy as np
-import torch
 
 from app.config.settings import Settings
 from app.engine.facade import Limits, checked_top_k
@@ -29,6 +28,7 @@ from app.engine.served_model import ServedModel
 from app.errors import InvalidParameter, ServeError
 from app.pipeline import postprocess
 from app.pipeline.postprocess import Prediction
+from app.runtime.device import set_torch_threads
 from app.runtime.lanes import Prepared
 
 CHUNKS_AHEAD = 2  # chunks decoding while one runs through the forward: the decode threads never wait for it
@@ -66,9 +66,7 @@ class Predictor:
     """One model, loaded and warm, on this process's device: encoded images in, one result per image out, in order."""
 
     def __init__(self, settings: Settings, model: str | None = None) -> None:
-        threads = settings.resolved_torch_threads()
-        if threads:
-            torch.set_num_threads(threads)
+        set_torch_threads(settings.resolved_torch_threads())
         self.settings = settings
         self.model: ServedModel = ModelLoader(settings)(model or settings.default_model)
         self.model.warm_up()

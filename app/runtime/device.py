@@ -10,6 +10,13 @@ from app.errors import ModelLoadError
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def set_torch_threads(threads: int | None) -> None:
+    """torch's intra-op threads for the whole process (`Settings.resolved_torch_threads`; None: torch's own choice).
+    Called once by what owns the process: the server's entry, a batch job's predictor."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

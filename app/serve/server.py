@@ -109,13 +109,10 @@ def serve(
     """Load the models and serve them until SIGTERM/SIGINT, then drain: one server process (or one of `workers`,
     on `sockets` bound by the supervisor, with its metrics in the shared `metrics_dir`, taking connections only once
     `before_serving` returns). Raises `ModelLoadError`."""
-    import torch
-
     from app.http.app import create_app
+    from app.runtime.device import set_torch_threads
 
-    threads = settings.resolved_torch_threads()  # for the whole process: its one engine's forwards, and nothing else
-    if threads is not None:
-        torch.set_num_threads(threads)
+    set_torch_threads(settings.resolved_torch_threads())  # the whole process's: its one engine's forwards
     engine = Engine.load(settings)
     config = uvicorn.Config(
         create_app(settings, engine, metrics_dir=metrics_dir, before_serving=before_serving),
