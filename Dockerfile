@@ -32,7 +32,9 @@ print('\n'.join(p['dependencies'] + [d for e in extras for d in p['optional-depe
  && pip install -r /tmp/requirements.txt
 
 FROM deps AS build
-COPY README.md ./
+# setup.py generates the gRPC modules from app/grpc/proto/*.proto while the wheel builds (grpcio-tools, fetched by
+# pip as a build requirement: the runtime image does not carry it)
+COPY README.md setup.py ./
 COPY app ./app
 # The client package (vit-serve-client, clients/python), which the vit-serve wheel includes.
 COPY clients/python/vit_serve_client ./clients/python/vit_serve_client

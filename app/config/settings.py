@@ -115,6 +115,13 @@ class Settings(BaseSettings):
     max_queue_bytes: MaxQueueBytes = 64 * 2**20
     host: str = Field("0.0.0.0", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="Port of the Open Inference Protocol's gRPC service (inference.GRPCInferenceService, with "
+        "grpc.health.v1 and reflection), on the same models and batchers as HTTP; 0 turns it off.",
+    )
     model_repository: ModelRepository = Path("models")
     model: ModelNames = Field(
         default_factory=lambda: [DEFAULT_MODEL],
@@ -253,6 +260,12 @@ class Settings(BaseSettings):
         False,
         description="Allow loading, reloading and unloading the repository's models while serving "
         "(POST /v1/models/{name}/load and /unload, OIP's repository extension); needs api_keys, and workers = 1.",
+    )
+    tracing: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="OpenTelemetry traces of every request, exported over OTLP as the standard OTEL_* variables say "
+        "(needs the otel extra): auto turns them on when OTEL_EXPORTER_OTLP_ENDPOINT, "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_TRACES_EXPORTER is set (and OTEL_SDK_DISABLED is not true).",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
