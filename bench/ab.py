@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 import subprocess
 import sys
@@ -36,7 +37,12 @@ def measure(
     command = [sys.executable, "-m", entry, "serve", "--model-repository", str(work / "models")]
     command += ["--model", "mtiny", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *flags]
     process = subprocess.Popen(
-        command, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+        command,
+        cwd=tree,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "VIT_GRPC_PORT": "0"},  # HTTP only (a variable: an older tree has no --grpc-port)
     )
     url = f"http://127.0.0.1:{port}/v1/classify?logits=false"
     data = body.read_bytes()

@@ -94,6 +94,7 @@ def main() -> None:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, "VIT_GRPC_PORT": "0"},  # HTTP only
         )
         url = f"http://127.0.0.1:{port}/v1/classify?logits=false"
         try:

@@ -145,7 +145,12 @@ class Server:
         ]
         self.workers = config.workers
         self._log = log_path.open("w")
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ})
+        self.process = subprocess.Popen(
+            command,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "VIT_GRPC_PORT": "0"},  # HTTP only
+        )
 
     def wait_ready(self, timeout_s: float = 300) -> float:
         started = time.monotonic()

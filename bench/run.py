@@ -75,7 +75,7 @@ def start(server: str, model: str, work: Path, port: int, log: Path) -> tuple[su
     else:
         command = [sys.executable, str(HERE / "naive_server.py")]
         url = f"http://127.0.0.1:{port}/predict"
-    env = {**os.environ, "PORT": str(port), "MODEL": model}
+    env = {**os.environ, "PORT": str(port), "MODEL": model, "VIT_GRPC_PORT": "0"}  # vit-serve: HTTP only
     with log.open("w") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     return process, url

@@ -40,6 +40,7 @@ class _Item(Generic[In, Out]):
     future: asyncio.Future[Completed[Out]]
     deadline: float
     enqueued_at: float
+    trace: object | None  # the traced request it belongs to (`app.engine.tracing`), or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,11 +177,11 @@ class Batcher(Generic[In, Out]):
 
     # -- inside the batcher --------------------------------------------------------------------------------
 
-    def _enqueue(self, payload: In, deadline: float) -> asyncio.Future[Completed[Out]]:
+    def _enqueue(self, payload: In, deadline: float, trace: object | None) -> asyncio.Future[Completed[Out]]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Completed[Out]] = loop.create_future()
         future.add_done_callback(self._given_up)
-        self._queue.put_nowait(_Item(payload, future, deadline, loop.time()))
+        self._queue.put_nowait(_Item(payload, future, deadline, loop.time(), trace))
         return future
 
     def _given_up(self, future: asyncio.Future[Completed[Out]]) -> None:
@@ -226,7 +227,9 @@ class Batcher(Generic[In, Out]):
     async def _run(self, batch: list[_Item[In, Out]]) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
+        started_ns = time.time_ns()
         waits = [started - item.enqueued_at for item in batch]
+        traces = _traces(batch)
         try:
             outputs, run_s = await loop.run_in_executor(self._executor, self._checked_run, [i.payload for i in batch])
         except Exception as exc:
@@ -236,14 +239,15 @@ class Batcher(Generic[In, Out]):
             error.__cause__ = exc
             for item in batch:
                 _resolve(item.future, error=error)
-            self._record(BatchRecord(len(batch), waits, loop.time() - started, failed=True))
+            record = BatchRecord(len(batch), waits, loop.time() - started, True, started_ns, time.time_ns(), traces)
+            self._record(record)
         else:
             for item, output, wait in zip(batch, outputs, waits, strict=True):
                 if isinstance(output, BaseException):  # this image alone failed (e.g. it would not decode)
                     _resolve(item.future, error=output)
                 else:
                     _resolve(item.future, result=Completed(output, wait, run_s, len(batch)))
-            self._record(BatchRecord(len(batch), waits, run_s, failed=False))
+            self._record(BatchRecord(len(batch), waits, run_s, False, started_ns, time.time_ns(), traces))
         # Not in a `finally`: if the batcher is stopped mid-batch, `_fail_all` resolves what is still in flight.
         self._in_flight.remove(batch)
         self._update_idle()
@@ -334,14 +338,16 @@ class Admission(Generic[In, Out]):
         self._unused = count
         self._decoding_bytes = encoded_bytes
 
-    def submit(self, payloads: Sequence[In], deadline: float) -> list[asyncio.Future[Completed[Out]]]:
+    def submit(
+        self, payloads: Sequence[In], deadline: float, trace: object | None = None
+    ) -> list[asyncio.Future[Completed[Out]]]:
         if len(payloads) > self._unused:
             raise ValueError(f"admitted {self._unused} images, submitting {len(payloads)}")
         self._decoded()
         if not self._batcher._consuming:  # a stop lets admitted requests in; a dead consumer does not
             raise NotReady("model is not accepting requests")
         self._unused -= len(payloads)
-        return [self._batcher._enqueue(p, deadline) for p in payloads]
+        return [self._batcher._enqueue(p, deadline, trace) for p in payloads]
 
     def _decoded(self) -> None:
         self._batcher._decoding_bytes -= self._decoding_bytes
@@ -357,6 +363,15 @@ class Admission(Generic[In, Out]):
         if self._unused:
             self._batcher._release(self._unused)
             self._unused = 0
+
+
+def _traces(batch: list[_Item[In, Out]]) -> tuple[object, ...]:
+    """The traced requests a batch serves, each once (a request's images share one handle), in order."""
+    distinct: dict[int, object] = {}
+    for item in batch:
+        if item.trace is not None:
+            distinct.setdefault(id(item.trace), item.trace)
+    return tuple(distinct.values())
 
 
 def _resolve(

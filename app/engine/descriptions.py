@@ -77,12 +77,15 @@ class ModelStatus:
 
 @dataclass(frozen=True, slots=True)
 class BatchRecord:
-    """What one batch did (an engine event, for the metrics)."""
+    """What one batch did (an engine event, for the metrics and the traces)."""
 
     size: int
     queue_waits_s: list[float]  # each image's, until the batch started
     run_s: float
     failed: bool
+    started_ns: int = 0  # wall clock (`time.time_ns`): the batch taken off the queue
+    ended_ns: int = 0  # its results (or its error) back
+    traces: tuple[object, ...] = ()  # the traced requests it served, each once (`app.engine.tracing`)
 
 
 @dataclass(frozen=True, slots=True)

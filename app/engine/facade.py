@@ -26,6 +26,7 @@ from app.engine.decode_pool import DecodePool
 from app.engine.descriptions import BatchRecord, ModelInfo, ModelStatus, RepositoryEntry
 from app.engine.loading import ModelLoader
 from app.engine.served_model import ServedModel
+from app.engine.tracing import NO_STAGE, NO_TRACER, Stage, Tracer
 from app.errors import (
     BadRequest,
     Conflict,
@@ -143,10 +144,12 @@ class EngineObserver(Protocol):
 
 
 class _Events:
-    """The engine's events, passed on to every observer: the served models report here, whoever observes or not."""
+    """The engine's events, passed on to every observer (and each traced batch to the tracer): the served models
+    report here, whoever observes or not."""
 
     def __init__(self) -> None:
         self.observers: list[EngineObserver] = []
+        self.tracer: Tracer = NO_TRACER
 
     def image_prepared(self, model: str, seconds: float) -> None:
         for observer in self.observers:
@@ -155,6 +158,8 @@ class _Events:
     def batch_done(self, model: str, record: BatchRecord) -> None:
         for observer in self.observers:
             observer.batch_done(model, record)
+        if record.traces:
+            self.tracer.batch(model, record)
 
     def batch_split(self, model: str, size: int) -> None:
         for observer in self.observers:
@@ -223,6 +228,10 @@ class Engine:
         self._events.observers.append(observer)
         for name in self._models:
             observer.model_loaded(self.describe(name))
+
+    def trace(self, tracer: Tracer) -> None:
+        """Report each request's stages and each batch's requests to `tracer` from now on (`app.engine.tracing`)."""
+        self._events.tracer = tracer
 
     def names(self) -> list[str]:
         """The served models' names, the default first."""
@@ -499,13 +508,18 @@ class Engine:
         limit = self.request_timeout_s(served)
         timeout = limit if timeout_s is None else min(timeout_s, limit)
         deadline = asyncio.get_running_loop().time() + timeout
+        tracer = self._events.tracer
+        trace = tracer.request(served.name, count)
+        stage = NO_STAGE  # a request refused at once has no stages
         try:
             async with asyncio.timeout_at(deadline):
                 with batcher.admit(count, encoded_bytes=encoded_bytes) as admission:  # 503 at once when full
+                    stage = Stage(tracer, trace, "preprocess")
                     started = time.perf_counter()
                     tensors = await prepare(deadline)
                     preprocess_s = time.perf_counter() - started
-                    futures = admission.submit(tensors, deadline)
+                    stage = stage.next("queue")
+                    futures = admission.submit(tensors, deadline, trace)
                 try:
                     completed = await asyncio.gather(*futures)
                 except ServeError as error:  # one image failed in its batch (e.g. the device could not decode it)
@@ -514,12 +528,18 @@ class Engine:
                     for future in futures:  # after an error or a cancel, drop this request's other images
                         future.cancel()
         except TimeoutError:
-            raise DeadlineExceeded(f"request did not finish within {timeout:g} s") from None
+            exceeded = DeadlineExceeded(f"request did not finish within {timeout:g} s")
+            stage.end(error=exceeded)
+            raise exceeded from None
+        except BaseException as error:
+            stage.end(error=error)
+            raise
         timings = Timings(
             preprocess_s=preprocess_s,
             queue_wait_s=max(c.queue_wait_s for c in completed),
             inference_s=max(c.batch_s for c in completed),
         )
+        stage.end(seconds=timings.queue_wait_s)  # the queue, until the last of its images was taken into a batch
         return [c.value for c in completed], timings
 
     def request_timeout_s(self, served: ServedModel) -> float:

@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
@@ -19,7 +20,11 @@ from app.http.auth import ApiKeyMiddleware
 from app.http.body_limit import BodyLimitMiddleware
 from app.http.error_handlers import install_error_handlers
 from app.http.telemetry import TelemetryMiddleware
+from app.http.tracing import TracingMiddleware
 from app.observability.metrics import Metrics
+
+if TYPE_CHECKING:
+    from app.observability.tracing import Tracing  # imports OpenTelemetry: only where tracing is on
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +35,14 @@ def create_app(
     *,
     metrics_dir: Path | None = None,
     before_serving: Callable[[], None] | None = None,
+    tracing: Tracing | None = None,
 ) -> FastAPI:
     """The HTTP service. Its lifespan starts the engine's warm-up and returns: the probes answer at once, readiness
     says "warming up" until the engine is warm (`app.state.warming`, the warm-up's task, is done then). On shutdown
     it drains the engine. `metrics_dir`: this is one of several workers, whose metrics are combined there (see
     `Metrics`). `before_serving` (blocking, run on a thread) runs once the engine is warm, and the lifespan waits for
-    both: no connection is taken before it returns (the workers' start barrier)."""
+    both: no connection is taken before it returns (the workers' start barrier). `tracing`: each request traced
+    there (a server span, the engine's stages, the batches' forwards), none without it."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -70,7 +77,7 @@ def create_app(
         max_batch_size=largest_batch, status=engine.status, multiprocess_dir=metrics_dir
     )
     engine.observe(metrics)
-    # Starlette runs the last one added first: telemetry, CORS, API keys, body limit, then the routes.
+    # Starlette runs the last one added first: tracing, telemetry, CORS, API keys, body limit, then the routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_keys:
         app.add_middleware(ApiKeyMiddleware, keys=[key.get_secret_value() for key in settings.api_keys])
@@ -85,7 +92,10 @@ def create_app(
         )
     modules = (classify, embed, explain, models, model_control, probes, prometheus, oip, demo, api_docs)
     routes = [route for module in modules for route in module.router.routes]
-    app.add_middleware(TelemetryMiddleware, metrics=metrics, routes=routes)  # outermost: it sees every answer
+    app.add_middleware(TelemetryMiddleware, metrics=metrics, routes=routes)  # it sees every answer
+    if tracing is not None:
+        engine.trace(tracing)
+        app.add_middleware(TracingMiddleware, tracing=tracing, routes=routes)  # outermost: its span holds the rest
     install_error_handlers(app)
     for module in modules:
         app.include_router(module.router)

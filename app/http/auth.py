@@ -1,18 +1,17 @@
 """Optional API keys: `Authorization: Bearer <key>` on everything but the probes, the API docs and the demo page.
 
-Several keys may be valid at once, so that a key can be rotated without downtime. The presented key is compared
-with every configured key in constant time (`hmac.compare_digest`), so neither timing nor order tells which key,
-or how much of one, matched. Keys are never logged: the access log carries no headers.
+The keys are checked by `app.protocols.api_keys` (several at once, for rotation; in constant time). Keys are never
+logged: the access log carries no headers.
 """
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Sequence
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.http.error_handlers import error_response
+from app.protocols.api_keys import ApiKeys, bearer_token
 
 # Kubernetes and load balancers probe without credentials; the docs describe the API and hold no data; the demo page
 # (`/` and its files under /static/) holds none either, and asks the person for the key its API calls send.
@@ -35,17 +34,15 @@ REALM = "vit-serve"
 
 class ApiKeyMiddleware:
     def __init__(self, app: ASGIApp, *, keys: Sequence[str]) -> None:
-        if not keys:
-            raise ValueError("ApiKeyMiddleware needs at least one key")
         self.app = app
-        self._keys = [key.encode() for key in keys]
+        self._keys = ApiKeys(keys)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or _is_open(scope["path"]) or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)  # OPTIONS: CORS preflights carry no credentials
             return
         token = _bearer_token(scope)
-        if token is not None and self._valid(token):
+        if token is not None and self._keys.valid(token):
             await self.app(scope, receive, send)
             return
         if token is None:
@@ -58,10 +55,6 @@ class ApiKeyMiddleware:
         response.headers["WWW-Authenticate"] = challenge
         await response(scope, receive, send)
 
-    def _valid(self, token: bytes) -> bool:
-        matches = [hmac.compare_digest(token, key) for key in self._keys]  # every key, always
-        return any(matches)
-
 
 def _is_open(path: str) -> bool:
     return path in OPEN_PATHS or path.startswith(OPEN_PREFIX)
@@ -70,8 +63,5 @@ def _is_open(path: str) -> bool:
 def _bearer_token(scope: Scope) -> bytes | None:
     for name, value in scope["headers"]:
         if name == b"authorization":
-            scheme, _, token = bytes(value).partition(b" ")
-            if scheme.lower() == b"bearer" and token.strip():
-                return token.strip()
-            return None
+            return bearer_token(bytes(value))
     return None

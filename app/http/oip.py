@@ -8,7 +8,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from app import __version__
 from app.errors import BadRequest
 from app.http.dependencies import engine_of, settings_of
 from app.http.disconnect import until_disconnected
@@ -16,13 +15,13 @@ from app.http.off_loop import parse_off_loop
 from app.http.responses import JSONResponse
 from app.http.schemas import ERROR_RESPONSES
 from app.http.timing import server_timing, timing_fields
-from app.protocols.oip.inference import InferRequestBody, parse_request, run
+from app.protocols.oip.inference import run
 from app.protocols.oip.models import OipModel, resolve
+from app.protocols.oip.rest import InferRequestBody, encode_response, parse_request
+from app.protocols.oip.server import server_metadata as describe_server
 
 router = APIRouter(tags=["open inference protocol (v2)"])
 
-# Exactly what is implemented; `statistics` and shared memory are not; `model_repository` with model_control only.
-EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
 HEADER_LENGTH = "inference-header-content-length"
 
 
@@ -46,8 +45,7 @@ READY_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 @router.get("/v2", summary="Server metadata")
 async def server_metadata(request: Request) -> Response:
-    extensions = [*EXTENSIONS, "model_repository"] if settings_of(request).model_control else EXTENSIONS
-    return JSONResponse({"name": "vit-serve", "version": __version__, "extensions": extensions})
+    return JSONResponse(describe_server(model_control=settings_of(request).model_control))
 
 
 @router.get("/v2/health/live", summary="Server live")
@@ -115,7 +113,8 @@ async def infer(request: Request, model: Model) -> Response:
     body = await request.body()
     max_images = engine.limits.max_images_per_request
     parsed = await parse_off_loop(len(body), parse_request, body, _header_length(request), model, max_images=max_images)
-    inference, response = await until_disconnected(request, run(engine, model, parsed))
+    inference, outputs = await until_disconnected(request, run(engine, model, parsed))
+    response = encode_response(parsed, model, outputs)
     request.state.log_fields = {"images": len(inference.outputs), **timing_fields(inference.timings)}
     headers = {"Server-Timing": server_timing(inference.timings)}
     if not response.is_binary:

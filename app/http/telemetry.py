@@ -58,14 +58,8 @@ class TelemetryMiddleware:
             elapsed = time.perf_counter() - started
             self._record(scope, state, status, elapsed)
 
-    def _route_template(self, scope: Scope) -> str:
-        """The route's path template, never the raw path (a bounded label set). A request answered before routing (a
-        401 of the API-key middleware, say) is matched against the app's routes here, without running them."""
-        route = scope.get("route") or next((r for r in self.routes if r.matches(scope)[0] is not Match.NONE), None)
-        return getattr(route, "path", None) or "unmatched"
-
     def _record(self, scope: Scope, state: dict[str, Any], status: int, elapsed: float) -> None:
-        endpoint = self._route_template(scope)
+        endpoint = route_template(scope, self.routes) or "unmatched"
         model = state.get("model", "")
         label = self.metrics.model_label(model)
         self.metrics.requests.labels(label, endpoint, str(status)).inc()
@@ -79,9 +73,20 @@ class TelemetryMiddleware:
         }
         if model:
             fields["model"] = model
+        if "trace_id" in state:  # traced (`app.http.tracing`)
+            fields["trace_id"] = state["trace_id"]
         fields.update(state.get("log_fields", {}))
         level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO
         log.log(level, "%s %s %d", scope["method"], scope["path"], status, extra={"fields": fields})
+
+
+def route_template(scope: Scope, routes: Sequence[BaseRoute]) -> str | None:
+    """The route's path template, never the raw path (a bounded label set); None when no route matches. A request
+    answered before routing (a 401 of the API-key middleware, say) is matched against the app's `routes` here, without
+    running them."""
+    route = scope.get("route") or next((r for r in routes if r.matches(scope)[0] is not Match.NONE), None)
+    path: str | None = getattr(route, "path", None)
+    return path
 
 
 def _request_id(scope: Scope) -> str:

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 from app.engine.facade import Timings
+from app.observability.logs import timing_fields
 
-
-def timing_fields(timings: Timings) -> dict[str, float]:
-    return {
-        "preprocess_ms": round(timings.preprocess_s * 1000, 3),
-        "queue_wait_ms": round(timings.queue_wait_s * 1000, 3),
-        "inference_ms": round(timings.inference_s * 1000, 3),
-    }
+__all__ = ["server_timing", "timing_fields"]
 
 
 def server_timing(timings: Timings) -> str:

@@ -15,6 +15,8 @@ threads, and the same graceful drain on SIGTERM.
   and a margin, then SIGKILL) and exits 0 if every worker did, else 1. A second signal is passed on too: each worker
   then ends at once. The port is closed at the first signal, so a new connection is refused rather than queued for
   no worker. A signal from the moment `supervise` is called, before any worker started, is a clean stop (status 0).
+- gRPC (`grpc_port`): each worker serves it on the same port (SO_REUSEPORT), from the barrier on; the supervisor
+  checks first that the port is free, so that a taken one fails the start once, before any model loads.
 - Metrics: prometheus-client's multiprocess mode, in a temporary folder that the supervisor creates before the first
   worker (PROMETHEUS_MULTIPROC_DIR) and removes at the end; a dead worker's live gauges are dropped from it.
 """
@@ -40,6 +42,7 @@ import uvicorn
 
 from app.config.settings import Settings
 from app.errors import ModelLoadError
+from app.grpc.ports import PortUnavailable, ensure_free
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +252,12 @@ def supervise(settings: Settings) -> int:
     early: list[int] = []  # signals before the supervisor exists: a clean stop, not a death by the signal
     previous = {sig: signal.signal(sig, lambda sig, frame: early.append(sig)) for sig in SIGNALS}
     try:
+        if settings.grpc_port:
+            try:
+                ensure_free(settings.host, settings.grpc_port)
+            except PortUnavailable as exc:
+                log.error("%s", exc)
+                return EXIT_FAILED
         multiprocessing.allow_connection_pickling()  # the socket goes to each worker
         sock = _bind(settings)
         metrics_dir = Path(tempfile.mkdtemp(prefix="vit-serve-metrics-"))

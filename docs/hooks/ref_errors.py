@@ -160,6 +160,15 @@ def _docstring_meaning(cls: type) -> str:
     return re.sub(r"^\d{3}(?: \([^)]*\))?: ", "", doc)
 
 
+def _grpc_codes(class_names: set[str]) -> str:
+    """The gRPC status of the error classes (`app.grpc.status`'s one table): an answer of the HTTP layer alone has
+    none (its gRPC counterpart, if any, is in the gRPC guide)."""
+    from app.grpc.status import code_of
+
+    classes = error_classes()
+    return ", ".join(sorted({code(code_of(classes[name]).name) for name in class_names if name in classes})) or "—"
+
+
 def markdown() -> str:
     rows = []
     for error in sorted(collect().values(), key=lambda e: (min(e.statuses, default=999), e.code)):
@@ -167,5 +176,6 @@ def markdown() -> str:
         meanings = error.meanings[:MAX_MESSAGES] + (["…"] if len(error.meanings) > MAX_MESSAGES else [])
         raised = ", ".join(code(c) for c in sorted(error.classes)) or "the HTTP layer"
         faults = ", ".join(sorted(error.faults)) or _fault_of_status(error.statuses)
-        rows.append([statuses, code(error.code), faults, raised, "<br>".join(cell(m) for m in meanings)])
-    return table(["status", "code", "fault", "raised as", "meaning, or the message sent"], rows)
+        grpc = _grpc_codes(error.classes)
+        rows.append([statuses, grpc, code(error.code), faults, raised, "<br>".join(cell(m) for m in meanings)])
+    return table(["status", "gRPC", "code", "fault", "raised as", "meaning, or the message sent"], rows)

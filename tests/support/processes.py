@@ -55,9 +55,13 @@ class ServerProcess:
 
 
 def start(args: list[str], *, cwd: Path, env: dict[str, str] | None = None) -> ServerProcess:
+    """A `vit-serve serve` process on 127.0.0.1, without gRPC unless `args` or `env` give it a port: test servers run
+    side by side, and would all take the default 8001."""
     # `python -m app.serve.cli` is the `vit-serve` entry point; it also runs where the package is on PYTHONPATH, not
     # installed (the GPU host).
-    command = [sys.executable, "-m", "app.serve.cli", "serve", "--host", "127.0.0.1", *args]
+    given = any(arg.startswith("--grpc-port") for arg in args) or "VIT_GRPC_PORT" in (env or {})
+    grpc = [] if given else ["--grpc-port", "0"]
+    command = [sys.executable, "-m", "app.serve.cli", "serve", "--host", "127.0.0.1", *grpc, *args]
     log = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115  (closed by ServerProcess.wait)
     process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **(env or {})}, stdout=log, stderr=log)
     return ServerProcess(process, log)

@@ -1,4 +1,5 @@
-"""OIP tensors: BYTES elements (4-byte little-endian length + bytes) and FP32 data, from JSON or binary.
+"""OIP tensors: BYTES elements (4-byte little-endian length + bytes) and FP32 data, from JSON, binary or typed values
+(gRPC's `contents`).
 
 Every reader is bounded by the count its caller allows (from the declared shape, itself checked against the limits):
 it stops at the first element past it, so the work is bounded by the limits, never by what the body holds.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -86,6 +87,23 @@ def fp32_from_json(data: Any, shape: list[int], name: str) -> np.ndarray:
     return _finite(array.reshape(shape), name)
 
 
+def bytes_from_values(values: Sequence[bytes], name: str, *, count: int) -> list[bytes]:
+    """Typed BYTES elements (gRPC's `bytes_contents`), exactly `count` of them."""
+    _check_count(len(values), count, name)
+    return list(values)
+
+
+def fp32_from_values(values: Sequence[float], shape: list[int], name: str) -> np.ndarray:
+    """Typed FP32 elements (gRPC's `fp32_contents`), exactly as many as `shape` holds, all finite."""
+    _check_count(len(values), _product(shape), name)
+    return _finite(np.asarray(values, dtype=np.float32).reshape(shape), name)
+
+
+def _check_count(found: int, count: int, name: str) -> None:
+    if found != count:
+        raise _invalid(name, f"its shape holds {count} elements, the data {found}")
+
+
 def _finite(array: np.ndarray, name: str) -> np.ndarray:
     if not np.isfinite(array).all():
         raise _invalid(name, "FP32 data holds NaN or infinity (or a number out of float32's range)")
@@ -116,8 +134,7 @@ def _flatten(data: Any, name: str, count: int) -> list[Any]:
                 elements.append(item)
             else:
                 stack.pop()
-    if len(elements) != count:
-        raise _invalid(name, f"its shape holds {count} elements, the data {len(elements)}")
+    _check_count(len(elements), count, name)
     return elements
 
 
