@@ -60,6 +60,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     VIT_HOST=0.0.0.0 \
     VIT_PORT=8000 \
+    VIT_GRPC_PORT=8001 \
     VIT_MODEL_REPOSITORY=/opt/vit-serve/models \
     VIT_WEIGHTS_CACHE_DIR=/opt/vit-serve/weights \
     VIT_LOG_FORMAT=json
@@ -72,7 +73,8 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-deps /wheels/*.whl
 COPY models /opt/vit-serve/models
 USER ${UID}:${UID}
-EXPOSE 8000
+# HTTP (the native API, the Open Inference Protocol over REST, probes, metrics) and the protocol's gRPC service.
+EXPOSE 8000 8001
 # Liveness through the service's own /healthz, with the Python the image already has (no curl in slim images).
 # The start period covers loading the model: the port opens once it is loaded (readiness, /readyz, follows when the
 # warm-up is done).

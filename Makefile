@@ -105,9 +105,9 @@ audit: $(STAMP_TEST)
 	$(BIN)/python -m pip install --quiet pip-audit
 	$(BIN)/pip-audit --skip-editable --strict
 
-# The documentation site (docs/, mkdocs-material) with live reload, on a port beside the service's 8000.
+# The documentation site (docs/, mkdocs-material) with live reload, on a port beside the service's 8000 and 8001.
 docs: $(STAMP_TEST)
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve -a 127.0.0.1:8001
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve -a 127.0.0.1:8002
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site

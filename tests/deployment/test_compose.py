@@ -1,5 +1,6 @@
 """docker-compose.yml: valid against the Compose Specification's JSON schema, and wired as the README says (GPU,
-health check, models volume, settings file, nginx for --scale, a monitoring profile that scrapes and shows)."""
+health check, models volume, settings file, nginx for --scale over HTTP and gRPC, a monitoring profile that scrapes
+and shows)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 from app.config.settings import Settings
-from tests.support.dockerfile import healthcheck_command
+from tests.support.dockerfile import healthcheck_command, runtime_env
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -74,15 +75,24 @@ def test_the_settings_file_names_only_real_settings(compose: dict[str, Any]) -> 
 
 def test_nginx_balances_over_the_replicas_with_the_shipped_config(compose: dict[str, Any]) -> None:
     nginx = compose["services"]["nginx"]
-    assert nginx["ports"] == ["8000:8000"]
+    http, grpc = runtime_env()["VIT_PORT"], runtime_env()["VIT_GRPC_PORT"]
+    assert nginx["ports"] == [f"{http}:{http}", f"{grpc}:{grpc}"]
+    assert compose["services"]["vit-serve"]["expose"] == [http, grpc]
     assert nginx["depends_on"]["vit-serve"]["condition"] == "service_healthy"
     mounts = dict(volume.rsplit(":", 1)[0].split(":", 1) for volume in nginx["volumes"])
     assert mounts == {
         "./deploy/nginx/nginx.conf": "/etc/nginx/nginx.conf",
         "./deploy/nginx/vit-serve-proxy.conf": "/etc/nginx/vit-serve-proxy.conf",
+        "./deploy/nginx/vit-serve-grpc-proxy.conf": "/etc/nginx/vit-serve-grpc-proxy.conf",
     }
     conf = (REPO / "deploy" / "nginx" / "nginx.conf").read_text()
-    assert "include vit-serve-proxy.conf;" in conf and "server vit-serve:8000 resolve" in conf
+    assert "include vit-serve-proxy.conf;" in conf and f"server vit-serve:{http} resolve" in conf
+    # gRPC: HTTP/2 on the published port, calls passed to each replica's gRPC port
+    grpc_server = re.search(rf"server \{{\s*listen {grpc};\s*http2 on;.*?\}}", conf, re.DOTALL)
+    assert grpc_server and "include vit-serve-grpc-proxy.conf;" in grpc_server.group(0)
+    assert f"server vit-serve:{grpc} resolve" in conf
+    rules = (REPO / "deploy" / "nginx" / "vit-serve-grpc-proxy.conf").read_text()
+    assert "grpc_pass grpc://vit_serve_grpc;" in rules and "upstream vit_serve_grpc {" in conf
 
 
 def test_every_bind_mount_exists_in_the_repository(compose: dict[str, Any]) -> None:

@@ -1,5 +1,5 @@
-"""The Dockerfile: hadolint-clean, the runtime stage's contract (non-root, port, health check, signals, entry
-point), a cache-friendly order, a lean build context, and a health check command that really probes /healthz."""
+"""The Dockerfile: hadolint-clean, the runtime stage's contract (non-root, HTTP and gRPC ports, health check, signals,
+entry point), a cache-friendly order, a lean build context, and a health check command that really probes /healthz."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.dockerfile import DOCKERFILE, healthcheck_command, stages
+from app.config.settings import Settings
+from tests.support.dockerfile import DOCKERFILE, healthcheck_command, runtime_env, stages
 from tests.support.processes import tiny_server_process
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,7 +37,9 @@ def test_the_runtime_stage_runs_vit_serve_as_a_non_root_user_that_sigterm_reache
     arg_uid = next(args for name, args in stages()[-1] if name == "ARG" and args.startswith("UID="))
     uid = int(arg_uid.split("=")[1]) if user == "${UID}" else int(user)
     assert uid >= 1000
-    assert runtime["EXPOSE"] == "8000"
+    env = runtime_env()
+    assert runtime["EXPOSE"].split() == [env["VIT_PORT"], env["VIT_GRPC_PORT"]]  # HTTP, then gRPC
+    assert int(env["VIT_GRPC_PORT"]) == Settings.model_fields["grpc_port"].default
     assert runtime["STOPSIGNAL"] == "SIGTERM"
     assert json.loads(runtime["ENTRYPOINT"]) == ["vit-serve"]  # exec form: no shell in between to eat signals
     assert json.loads(runtime["CMD"]) == ["serve"]

@@ -103,7 +103,9 @@ def served_from_image(image: Image, models: Path, **env: str) -> Iterator[Served
     """The image's own command (`vit-serve serve`) in a container on a free port, serving the tiny model from
     `models`, mounted where the image looks for models; stopped with SIGTERM at the end unless the test did."""
     port = free_port()
-    env = {"VIT_PORT": str(port), "VIT_HOST": "127.0.0.1", "VIT_MODEL": "tiny", **env}
+    # The container has the host's network: a free port for gRPC too, not the image's 8001.
+    grpc_port = free_port()
+    env = {"VIT_PORT": str(port), "VIT_GRPC_PORT": str(grpc_port), "VIT_HOST": "127.0.0.1", "VIT_MODEL": "tiny", **env}
     with container_image.container(image.tag) as name:
         log = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115  (closed by ServerProcess.wait)
         command = container_image.run_command(name, image.command, env, {models: image.env["VIT_MODEL_REPOSITORY"]})
@@ -245,7 +247,13 @@ def test_the_service_runs_on_a_read_only_root_with_a_tmpfs_on_tmp(image: Image, 
     answer and drain; nothing else is written."""
     models = shared_model(tmp_path / "models")
     port = free_port()
-    env = {"VIT_PORT": str(port), "VIT_HOST": "127.0.0.1", "VIT_MODEL": "tiny", "VIT_WORKERS": "2"}
+    env = {
+        "VIT_PORT": str(port),
+        "VIT_GRPC_PORT": str(free_port()),
+        "VIT_HOST": "127.0.0.1",
+        "VIT_MODEL": "tiny",
+        "VIT_WORKERS": "2",
+    }
     with container_image.container(image.tag) as name:
         root = container_image.mountpoint(name)
         log = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115  (closed by ServerProcess.wait)

@@ -8,7 +8,8 @@ Both run in one working folder that holds the files the snippets name (cat.jpg, 
 scikit-image's photographs) and a model repository `models/` with tiny random-weight ViTs named as the snippets name
 them (vit_b_16, vit_b_32; VIT_SNIPPETS_FULL_SIZE=1 serves the real architectures instead), served with the defaults
 by one server process as `make run` starts it, and by a second one with API keys and model control for the pages
-that need a key (`$KEY` holds it). `localhost:8000` in a snippet is rewritten to the server's port.
+that need a key (`$KEY` holds it). `localhost:8000` in a snippet is rewritten to the server's port, and `localhost:8001`
+to its gRPC port.
 
 A block that cannot run here says so right before its fence, with the reason:
 `<!-- snippet: not run (needs a GPU) -->`; `<!-- snippet: expect failure -->` makes a block pass only when it fails.
@@ -53,6 +54,7 @@ MARKER = re.compile(r"^\s*<!--\s*snippet:(?P<body>.*?)-->\s*$")
 NOT_RUN = re.compile(r"^not run \((?P<reason>[^()]*\S[^()]*)\)$")
 ELISION = re.compile(r",\s*\.\.\.")  # `[1, 2, ...]`: a JSON block's "and so on"
 LOCAL_SERVER = re.compile(r"\b(?:localhost|127\.0\.0\.1):8000\b")
+LOCAL_GRPC = re.compile(r"\b(?:localhost|127\.0\.0\.1):8001\b")
 # VIT_SNIPPETS_FULL_SIZE=1: the repository's own vit_b_16 and vit_b_32 with random weights instead of tiny ViTs, to
 # see that the examples work as written with a full-size model and the defaults on this machine (minutes on a CPU).
 FULL_SIZE = os.environ.get("VIT_SNIPPETS_FULL_SIZE") == "1"
@@ -188,6 +190,8 @@ class Servers:
     plain: str  # URL of the server `make run` starts
     keyed: str  # URL of the server with API keys and model control, as the security pages start it
     key: str
+    plain_grpc: str  # host:port of each one's gRPC port
+    keyed_grpc: str
 
 
 def write_working_folder(workdir: Path) -> None:
@@ -235,17 +239,18 @@ def serving(workdir: Path) -> Iterator[Servers]:
     key = secrets.token_hex(24)
     repository = ["--model-repository", str(workdir / "models")]
     plain_port, keyed_port = free_port(), free_port()
+    plain_grpc, keyed_grpc = free_port(), free_port()
     processes: list[ServerProcess] = []
     try:
-        # Both start at once: their warm-ups overlap. Every setting but the port and the repository is the default,
+        # Both start at once: their warm-ups overlap. Every setting but the ports and the repository is the default,
         # as `make run` has them (the default model, vit_b_16).
-        processes.append(start([*repository, "--port", str(plain_port)], cwd=workdir))
-        keyed_args = ["--port", str(keyed_port), "--api-keys", key, "--model-control"]
+        processes.append(start([*repository, "--port", str(plain_port), "--grpc-port", str(plain_grpc)], cwd=workdir))
+        keyed_args = ["--port", str(keyed_port), "--grpc-port", str(keyed_grpc), "--api-keys", key, "--model-control"]
         processes.append(start([*repository, *keyed_args], cwd=workdir))
         plain, keyed = f"http://127.0.0.1:{plain_port}", f"http://127.0.0.1:{keyed_port}"
         wait_ready(processes[0], plain, timeout_s=600 if FULL_SIZE else 120)
         wait_ready(processes[1], keyed, timeout_s=600 if FULL_SIZE else 120)
-        yield Servers(workdir, plain, keyed, key)
+        yield Servers(workdir, plain, keyed, key, f"127.0.0.1:{plain_grpc}", f"127.0.0.1:{keyed_grpc}")
     finally:
         for process in processes:
             if process.process.poll() is None:
@@ -259,6 +264,7 @@ def run_block(block: Block, servers: Servers) -> str:
     keyed = str(block.page.relative_to(REPO)) in KEYED_PAGES
     url = servers.keyed if keyed else servers.plain
     code = LOCAL_SERVER.sub(url.removeprefix("http://"), block.code)
+    code = LOCAL_GRPC.sub(servers.keyed_grpc if keyed else servers.plain_grpc, code)
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",

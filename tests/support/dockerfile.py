@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,3 +35,9 @@ def healthcheck_command() -> list[str]:
     (args,) = [args for name, args in stages()[-1] if name == "HEALTHCHECK"]
     command: list[str] = json.loads(args.split(" CMD ", 1)[1])
     return command
+
+
+def runtime_env() -> dict[str, str]:
+    """The variables the runtime stage's `ENV` instructions set (`ENV KEY=value ...`)."""
+    pairs = [word for name, args in stages()[-1] if name == "ENV" for word in shlex.split(args)]
+    return dict(pair.split("=", 1) for pair in pairs)
