@@ -80,6 +80,7 @@ soak: $(STAMP_TEST)
 bench: $(STAMP_BENCH) $(WRK)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/batch.py $(BATCH_BENCH_ARGS)
+	$(BIN)/python bench/protocols.py $(PROTOCOLS_BENCH_ARGS)
 
 # The container image from the Dockerfile, with Docker where its daemon answers, else with buildah (installed when
 # missing), on a Debian base made once with debootstrap where no registry can be reached (cached in

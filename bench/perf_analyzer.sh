@@ -7,7 +7,8 @@
 # perf_analyzer is taken from $PERF_ANALYZER, else from PATH (pip install perf-analyzer==2.60.0, on a system with
 # glibc 2.38+), else bench/perf_analyzer_debian12.sh runs PyPI's binary on Debian 12 (glibc 2.36). Extra perf_analyzer
 # options go in $PA_ARGS (e.g. PA_ARGS="-b 4"), the measurement window in $PA_INTERVAL_MS (default 3000); JPEGs for the
-# IMAGE input in $PA_IMAGES (default: a real photograph).
+# IMAGE input in $PA_IMAGES (default: a real photograph). PA_PROTOCOL=grpc measures the gRPC service instead of REST
+# (then HOST:PORT is the gRPC port, 8001 by default).
 set -euo pipefail
 url=${1:-127.0.0.1:8000}
 model=${2:-vit_b_16}
@@ -26,7 +27,7 @@ trap 'rm -rf "$work"' EXIT
 "$python" "$here/perf_analyzer_input.py" "$work/jpeg.json" ${PA_IMAGES:-}
 
 # shellcheck disable=SC2206  # PA_ARGS is a list of options
-common=(-u "$url" -i http --concurrency-range "$range" --measurement-interval "${PA_INTERVAL_MS:-3000}" ${PA_ARGS:-})
+common=(-u "$url" -i "${PA_PROTOCOL:-http}" --concurrency-range "$range" --measurement-interval "${PA_INTERVAL_MS:-3000}" ${PA_ARGS:-})
 # Zeros, not perf_analyzer's random data: that is random bytes, NaN and infinity among them, which the server refuses
 # (400 invalid_tensor); a forward costs the same whatever the values.
 echo "== perf_analyzer: $model""_pixels, FP32 [N, 3, H, W] tensors of zeros"
