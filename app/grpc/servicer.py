@@ -8,7 +8,6 @@ UNIMPLEMENTED, as gRPC defines it: "not supported/enabled in this service" (the 
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
@@ -33,13 +32,13 @@ from app.grpc.proto import inference_pb2_grpc
 from app.grpc.status import ERROR_CODE, code_of, details_of, error_metadata
 from app.grpc.telemetry import this_call
 from app.observability.logs import timing_fields
+from app.protocols.off_loop import parse_off_loop
 from app.protocols.oip.inference import run
 from app.protocols.oip.models import VERSION, OipModel, resolve
 from app.protocols.oip.server import server_metadata as describe_server
 
 log = logging.getLogger(__name__)
 
-ON_LOOP_BYTES = 64 * 1024  # tensor data up to here is read on the loop: a thread round trip would cost more
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 Handler = Callable[["InferenceServicer", Request, Context], Awaitable[Response]]
@@ -102,10 +101,8 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         model = self._model(request.model_name, request.model_version)
         max_images = self.engine.limits.max_images_per_request
-        if payload_bytes(request) <= ON_LOOP_BYTES:
-            parsed = infer_request(request, model, max_images=max_images)
-        else:  # tensor data grows with the request: read it off the loop, as HTTP parses a large body
-            parsed = await asyncio.to_thread(infer_request, request, model, max_images=max_images)
+        # tensor data grows with the request: a large one is read off the loop, as HTTP parses a large body
+        parsed = await parse_off_loop(payload_bytes(request), infer_request, request, model, max_images=max_images)
         inference, outputs = await run(self.engine, model, parsed)
         this_call().log_fields = {"images": len(inference.outputs), **timing_fields(inference.timings)}
         return infer_response(parsed, model, outputs)

@@ -20,9 +20,9 @@ from app.errors import (
     describe_validation_error,
 )
 from app.http.multipart import read_multipart
-from app.http.off_loop import parse_off_loop
 from app.http.schemas import ImagesJSON
 from app.protocols.json_bounds import check_json_bounds, parse_json
+from app.protocols.off_loop import parse_off_loop
 
 RAW_TYPES = ("application/octet-stream",)
 _DATA_URI = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?)(?P<b64>;base64)?,", re.ASCII)

@@ -11,10 +11,10 @@ from starlette.responses import Response
 from app.errors import BadRequest
 from app.http.dependencies import engine_of, settings_of
 from app.http.disconnect import until_disconnected
-from app.http.off_loop import parse_off_loop
 from app.http.responses import JSONResponse
 from app.http.schemas import ERROR_RESPONSES
 from app.http.timing import server_timing, timing_fields
+from app.protocols.off_loop import parse_off_loop
 from app.protocols.oip.inference import run
 from app.protocols.oip.models import OipModel, resolve
 from app.protocols.oip.rest import InferRequestBody, encode_response, parse_request

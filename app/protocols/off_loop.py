@@ -1,5 +1,5 @@
 """Work that grows with the request body runs off the event loop: on a thread, a few at a time, so that the probes
-and every other request go on while a large body is parsed.
+and every other request go on while a large body is parsed (an HTTP body, or a gRPC message's tensor data).
 
 The parsers are bounded by the limits before they walk any data (see `app.protocols.oip.tensors`); this bounds what
 is left, the part that is proportional to the body (JSON, base64, tensor data), and keeps it off the loop. Small bodies
