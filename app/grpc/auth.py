@@ -4,13 +4,13 @@ probes as HTTP's /v2/health/*, reflection describing the API as /openapi.json do
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
 
-from app.grpc.methods import Context, is_probe, wrap
+from app.grpc.methods import Around, AroundCalls, Context, is_probe
 from app.grpc.status import ERROR_CODE
 from app.protocols.api_keys import ApiKeys, bearer_token
 
@@ -19,23 +19,17 @@ MISSING = "this service needs an API key: send the metadata authorization: Beare
 INVALID = "the API key is not valid"
 
 
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+class ApiKeyInterceptor(AroundCalls):
     def __init__(self, keys: ApiKeys) -> None:
         self._keys = keys
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or is_probe(method) or method.startswith(REFLECTION):
-            return handler
-        token = bearer_token(_authorization(handler_call_details.invocation_metadata))
+    def around(self, call: grpc.HandlerCallDetails) -> Around | None:
+        if is_probe(call.method) or call.method.startswith(REFLECTION):
+            return None
+        token = bearer_token(_authorization(call.invocation_metadata))
         if token is not None and self._keys.valid(token):
-            return handler
-        return wrap(handler, lambda context: _refused(context, MISSING if token is None else INVALID))
+            return None
+        return lambda context: _refused(context, MISSING if token is None else INVALID)
 
 
 @asynccontextmanager

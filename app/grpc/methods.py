@@ -6,7 +6,7 @@ before the handler; what it raises there (an abort) answers the call instead."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -23,6 +23,25 @@ PROBES = frozenset({SERVICE + "ServerLive", SERVICE + "ServerReady", SERVICE + "
 
 def is_probe(method: str) -> bool:
     return method in PROBES or method.startswith(HEALTH)
+
+
+class AroundCalls(grpc.aio.ServerInterceptor):
+    """An interceptor that runs the calls of a served method inside a context of its own (`around`), or leaves the
+    method as it is (`around` returns None). A method that is not served (gRPC answers UNIMPLEMENTED) is never seen."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        around = self.around(handler_call_details)
+        return handler if around is None else wrap(handler, around)
+
+    def around(self, call: grpc.HandlerCallDetails) -> Around | None:
+        raise NotImplementedError
 
 
 def wrap(handler: grpc.RpcMethodHandler[Any, Any], around: Around) -> grpc.RpcMethodHandler[Any, Any]:

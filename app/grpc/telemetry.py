@@ -13,7 +13,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 
 from app.errors import ClientDisconnected, ServeError
-from app.grpc.methods import Context, is_probe, wrap
+from app.grpc.methods import Around, AroundCalls, Context, is_probe
 from app.observability.metrics import Metrics
 
 log = logging.getLogger("app.access")
@@ -49,20 +49,14 @@ def this_call() -> CallRecord:
     return _CALL.get() or CallRecord()
 
 
-class TelemetryInterceptor(grpc.aio.ServerInterceptor):
+class TelemetryInterceptor(AroundCalls):
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:  # no such method: gRPC answers UNIMPLEMENTED; its path would be an unbounded label
-            return None
-        method = handler_call_details.method
-        return wrap(handler, lambda context: self._observed(method, context))
+    def around(self, call: grpc.HandlerCallDetails) -> Around:
+        """Every served method's calls (an unserved one's path would be an unbounded label: it never gets here)."""
+        method = call.method
+        return lambda context: self._observed(method, context)
 
     @asynccontextmanager
     async def _observed(self, method: str, context: Context) -> AsyncIterator[None]:

@@ -4,13 +4,13 @@ not traced. `interceptors(settings, metrics, tracing)` puts it first, around eve
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 
-from app.grpc.methods import Context, is_probe, wrap
+from app.grpc.methods import Around, AroundCalls, Context, is_probe
 
 if TYPE_CHECKING:
     from app.observability.tracing import Tracing
@@ -28,20 +28,13 @@ SERVER_ERRORS = frozenset(
 )
 
 
-class TracingInterceptor(grpc.aio.ServerInterceptor):
+class TracingInterceptor(AroundCalls):
     def __init__(self, tracing: Tracing) -> None:
         self.tracing = tracing
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or is_probe(method):
-            return handler
-        return wrap(handler, lambda context: self._traced(method, context))
+    def around(self, call: grpc.HandlerCallDetails) -> Around | None:
+        method = call.method
+        return None if is_probe(method) else lambda context: self._traced(method, context)
 
     @asynccontextmanager
     async def _traced(self, method: str, context: Context) -> AsyncIterator[None]:
