@@ -67,6 +67,10 @@ class DrainingHealth(health.aio.HealthServicer):  # type: ignore[misc]
                 await context.write(health_pb2.HealthCheckResponse(status=status))
                 sent = status
             if self._gracefully_shutting_down:
+                # The flag is up before the record turns NOT_SERVING, and a write in flight when the drain began has
+                # read the record before either: a stream that said SERVING says NOT_SERVING before it ends.
+                if sent == SERVING:
+                    await context.write(health_pb2.HealthCheckResponse(status=NOT_SERVING))
                 return
             await changed.wait()
 
