@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import orjson
 import pytest
 
@@ -96,6 +97,7 @@ class Served:
     container: str
     server: ServerProcess  # `buildah run`, whose output is the server's
     pid: int  # the server itself
+    grpc_address: str  # its gRPC service (a free port: the container has the host's network)
 
 
 @contextmanager
@@ -110,7 +112,8 @@ def served_from_image(image: Image, models: Path, **env: str) -> Iterator[Served
         log = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115  (closed by ServerProcess.wait)
         command = container_image.run_command(name, image.command, env, {models: image.env["VIT_MODEL_REPOSITORY"]})
         server = ServerProcess(subprocess.Popen(command, stdout=log, stderr=log), log)
-        served = Served(f"http://127.0.0.1:{port}", name, server, container_image.started_command(server.process))
+        pid = container_image.started_command(server.process)
+        served = Served(f"http://127.0.0.1:{port}", name, server, pid, f"127.0.0.1:{grpc_port}")
         try:
             wait_ready(server, served.url, timeout_s=300)
             yield served
@@ -180,8 +183,9 @@ def test_weights_not_baked_in_can_be_downloaded_into_the_cache_at_start_up(image
 
 
 def test_the_served_image_answers_as_the_source_tree_does(image: Image, tmp_path: Path) -> None:
-    """Ready, its HEALTHCHECK passes inside the container, /metrics and the demo page answer, and a photograph's
-    classification equals the source tree's server's answer for the same weights (fp32 on the CPU, within 1e-5)."""
+    """Ready, its HEALTHCHECK passes inside the container, /metrics and the demo page answer, gRPC answers with the
+    same logits as HTTP, and a photograph's classification equals the source tree's server's answer for the same
+    weights (fp32 on the CPU, within 1e-5)."""
     models = shared_model(tmp_path / "models")
     body = jpeg(photo("astronaut"))
     health = image.config["Healthcheck"]["Test"]
@@ -192,12 +196,13 @@ def test_the_served_image_answers_as_the_source_tree_does(image: Image, tmp_path
         from_image = httpx.post(
             f"{served.url}/v1/classify", content=body, headers={"Content-Type": "image/jpeg"}, timeout=60
         )
+        over_grpc = grpc_logits(served.grpc_address, body)
         metrics = httpx.get(f"{served.url}/metrics", timeout=10)
         page, script = (httpx.get(f"{served.url}{path}", timeout=10) for path in ("/", "/static/demo.js"))
     assert page.status_code == 200 and "static/demo.js" in page.text  # the demo page ships in the wheel
     assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
     assert from_image.status_code == 200, from_image.text
-    assert metrics.status_code == 200 and 'vit_images_total{model="tiny"} 1.0' in metrics.text
+    assert metrics.status_code == 200 and 'vit_images_total{model="tiny"} 2.0' in metrics.text  # HTTP's and gRPC's
     with tiny_server(tmp_path / "source") as (source_url, _):
         from_source = httpx.post(
             f"{source_url}/v1/classify", content=body, headers={"Content-Type": "image/jpeg"}, timeout=60
@@ -205,6 +210,28 @@ def test_the_served_image_answers_as_the_source_tree_does(image: Image, tmp_path
     got, want = from_image.json(), from_source.json()
     assert_same_prediction(got, want)
     assert got["predictions"][0]["logits"] == pytest.approx(want["predictions"][0]["logits"], abs=1e-5)
+    # the gRPC modules generated in the image's build work: the same float32 logits as HTTP's (JSON) answer
+    assert np.array_equal(np.array(over_grpc, np.float32), np.array(got["predictions"][0]["logits"], np.float32))
+
+
+def grpc_logits(address: str, jpeg_bytes: bytes) -> list[float]:
+    """The health service SERVING, then one ModelInfer of `jpeg_bytes`: its logits."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from app.grpc.proto import inference_pb2 as pb
+    from app.grpc.proto import inference_pb2_grpc
+    from app.protocols.oip.tensors import pack_bytes
+
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        request = pb.ModelInferRequest(model_name="tiny")
+        request.inputs.add(name="IMAGE", datatype="BYTES", shape=[1, 1])
+        request.raw_input_contents.append(pack_bytes([jpeg_bytes]))
+        stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        response = stub.ModelInfer(request, timeout=60)
+    return [float(x) for x in np.frombuffer(response.raw_output_contents[0], dtype="<f4")]
 
 
 def test_sigterm_under_load_drains_and_exits_0_with_nothing_lost(image: Image, tmp_path: Path) -> None:
