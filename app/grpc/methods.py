@@ -17,8 +17,9 @@ Around = Callable[[Context], AbstractAsyncContextManager[None]]
 
 SERVICE = "/inference.GRPCInferenceService/"
 HEALTH = "/grpc.health.v1.Health/"
-# Polled by machines, without credentials: open without a key, and logged at DEBUG (as HTTP's /v2/health/*).
-PROBES = frozenset({SERVICE + "ServerLive", SERVICE + "ServerReady", SERVICE + "ModelReady"})
+# Polled by machines, without credentials: open without a key, and logged at DEBUG, as HTTP's /v2/health/* (a model's
+# readiness, ModelReady, needs a key as /v2/models/{name}/ready does).
+PROBES = frozenset({SERVICE + "ServerLive", SERVICE + "ServerReady"})
 
 
 def is_probe(method: str) -> bool:

@@ -301,7 +301,8 @@ async def test_api_keys_guard_every_call_but_the_probes() -> None:
         assert missing.code() == grpc.StatusCode.UNAUTHENTICATED and "Bearer <key>" in (missing.details() or "")
         assert (await stub.ServerLive(pb.ServerLiveRequest())).live
         assert (await stub.ServerReady(pb.ServerReadyRequest())).ready
-        assert (await stub.ModelReady(pb.ModelReadyRequest(name="fake"))).ready
+        no_key = await refused(stub.ModelReady(pb.ModelReadyRequest(name="fake")))  # as /v2/models/fake/ready
+        assert no_key.code() == grpc.StatusCode.UNAUTHENTICATED
         for key in KEYS.split(","):
             answer = await stub.ModelInfer(images_request([RED]), metadata=(("authorization", f"bearer {key}"),))
             assert logits_of(answer).shape == (1, FAKE_CLASSES)
@@ -353,11 +354,11 @@ async def test_the_repository_calls_load_and_unload_with_model_control(tmp_path:
             ("third", "UNAVAILABLE", "unloaded"),
         ]
         await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="third"), metadata=auth)
-        assert (await stub.ModelReady(pb.ModelReadyRequest(name="third"))).ready
+        assert (await stub.ModelReady(pb.ModelReadyRequest(name="third"), metadata=auth)).ready
         ready = await stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), metadata=auth)
         assert [m.name for m in ready.models] == ["first", "third"]
         await stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="third"), metadata=auth)
-        gone = await refused(stub.ModelReady(pb.ModelReadyRequest(name="third")))
+        gone = await refused(stub.ModelReady(pb.ModelReadyRequest(name="third"), metadata=auth))
         assert gone.code() == grpc.StatusCode.NOT_FOUND
         default = await refused(
             stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="first"), metadata=auth)
