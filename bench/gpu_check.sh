@@ -19,6 +19,7 @@ mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   >"$out/install.log" 2>&1 || { echo "wheel install failed"; cat "$out/install.log"; exit 1; }
 export PYTHONPATH=$PWD:$PWD/clients/python:/tmp/site  # the server, its client package (clients/python), the wheels
+cp .whl/grpc_proto/*_pb2*.py app/grpc/proto/ 2>/dev/null || echo "no generated gRPC modules in .whl (bench/gpu_bundle.sh)"
 export VIT_TEST_PHOTOS=$PWD/.whl/photos
 pa=/tmp/site/perf_analyzer/bin/perf_analyzer
 

@@ -36,6 +36,8 @@ from app.serve.connections import ConnectionLimits, protocol_class
 
 if TYPE_CHECKING:
     from app.grpc.server import GrpcServer
+    from app.observability.metrics import Metrics
+    from app.observability.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +159,6 @@ def serve(
     """Load the models and serve them until SIGTERM/SIGINT, then drain: one server process (or one of `workers`,
     on `sockets` bound by the supervisor, with its metrics in the shared `metrics_dir`, taking connections only once
     `before_serving` returns). Raises `ModelLoadError`; exits 1 if the gRPC port cannot be bound."""
-    from app.grpc.server import GrpcServer
     from app.http.app import create_app
     from app.runtime.device import set_torch_threads
     from app.serve.tracing import start_tracing
@@ -183,7 +184,7 @@ def serve(
         engine=engine,
         drain_timeout_s=settings.drain_timeout_s,
         on_started=on_started,
-        grpc=GrpcServer(settings, engine, app.state.metrics, tracing) if settings.grpc_port else None,
+        grpc=_grpc_server(settings, engine, app.state.metrics, tracing),
     )
     server.run(sockets)
     if tracing is not None:
@@ -193,6 +194,15 @@ def serve(
     if server.grpc_failed:
         raise SystemExit(EXIT_FAILED)
     _exit_without_abandoned_work()
+
+
+def _grpc_server(settings: Settings, engine: Engine, metrics: Metrics, tracing: Tracing | None) -> GrpcServer | None:
+    """The gRPC side, when `grpc_port` is set; grpcio and the generated modules are imported only then."""
+    if not settings.grpc_port:
+        return None
+    from app.grpc.server import GrpcServer
+
+    return GrpcServer(settings, engine, metrics, tracing)
 
 
 def _ensure_grpc_port_free(settings: Settings) -> None:
