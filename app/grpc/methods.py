@@ -45,6 +45,14 @@ class AroundCalls(grpc.aio.ServerInterceptor):
         raise NotImplementedError
 
 
+def status_code(context: Context) -> grpc.StatusCode | None:
+    """The status the handler set or aborted with, if any."""
+    code: grpc.StatusCode | int | None = context.code()
+    if code is None or isinstance(code, grpc.StatusCode):
+        return code
+    return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+
+
 def wrap(handler: grpc.RpcMethodHandler[Any, Any], around: Around) -> grpc.RpcMethodHandler[Any, Any]:
     """`handler` with every call inside `around(context)`; the same (de)serializers, the same kind."""
     codec = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}

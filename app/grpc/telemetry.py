@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -22,13 +20,13 @@ from typing import Any
 import grpc
 
 from app.errors import ClientDisconnected, ServeError
-from app.grpc.methods import Around, AroundCalls, Context, is_probe
+from app.grpc.methods import Around, AroundCalls, Context, is_probe, status_code
+from app.observability.logs import request_id
 from app.observability.metrics import Metrics
 
 log = logging.getLogger("app.access")
 
 REQUEST_ID = "x-request-id"
-_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
 @dataclass(slots=True)
@@ -68,9 +66,9 @@ class TelemetryInterceptor(AroundCalls):
         try:
             await context.send_initial_metadata(((REQUEST_ID, record.request_id),))
             yield
-            status = _code(context) or grpc.StatusCode.OK
+            status = status_code(context) or grpc.StatusCode.OK
         except grpc.aio.AbortError:
-            status = _code(context) or grpc.StatusCode.UNKNOWN
+            status = status_code(context) or grpc.StatusCode.UNKNOWN
             raise
         except asyncio.CancelledError:  # the client cancelled, or its deadline passed: nobody reads an answer
             status = grpc.StatusCode.CANCELLED
@@ -101,19 +99,6 @@ class TelemetryInterceptor(AroundCalls):
         log.log(level, "grpc %s %s", method, status.name, extra={"fields": fields})
 
 
-def _code(context: Context) -> grpc.StatusCode | None:
-    """The status the handler set or aborted with, if any."""
-    code: grpc.StatusCode | int | None = context.code()
-    if code is None or isinstance(code, grpc.StatusCode):
-        return code
-    return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
-
-
 def _request_id(context: Context) -> str:
-    """The client's x-request-id when it is a sane token, else a new one."""
-    for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID:
-            if isinstance(value, str) and _VALID_REQUEST_ID.fullmatch(value):
-                return value
-            break
-    return uuid.uuid4().hex
+    sent = next((value for key, value in context.invocation_metadata() or () if key == REQUEST_ID), None)
+    return request_id(sent if isinstance(sent, str) else None)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from app.grpc.methods import Around, AroundCalls, Context, is_probe
+from app.grpc.methods import Around, AroundCalls, Context, is_probe, status_code
 
 if TYPE_CHECKING:
     from app.observability.tracing import Tracing
@@ -45,9 +45,9 @@ class TracingInterceptor(AroundCalls):
             status = grpc.StatusCode.UNKNOWN  # if the handler raises past its own error answers
             try:
                 yield
-                status = _code(context) or grpc.StatusCode.OK
+                status = status_code(context) or grpc.StatusCode.OK
             except grpc.aio.AbortError:
-                status = _code(context) or grpc.StatusCode.UNKNOWN
+                status = status_code(context) or grpc.StatusCode.UNKNOWN
                 raise
             except asyncio.CancelledError:
                 status = grpc.StatusCode.CANCELLED
@@ -56,10 +56,3 @@ class TracingInterceptor(AroundCalls):
                 span.set_attributes({"rpc.grpc.status_code": status.value[0]})
                 if status in SERVER_ERRORS:
                     span.set_error(status.name)
-
-
-def _code(context: Context) -> grpc.StatusCode | None:
-    code: grpc.StatusCode | int | None = context.code()
-    if code is None or isinstance(code, grpc.StatusCode):
-        return code
-    return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)

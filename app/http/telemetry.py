@@ -7,9 +7,7 @@ response has gone out. The log line never carries request bodies.
 from __future__ import annotations
 
 import logging
-import re
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,12 +15,12 @@ from starlette.datastructures import MutableHeaders
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.observability.logs import request_id
 from app.observability.metrics import Metrics
 
 log = logging.getLogger("app.access")
 
 REQUEST_ID_HEADER = "x-request-id"
-_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 # Polled by machines every few seconds: their lines go to DEBUG, not INFO.
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
@@ -90,11 +88,5 @@ def route_template(scope: Scope, routes: Sequence[BaseRoute]) -> str | None:
 
 
 def _request_id(scope: Scope) -> str:
-    """The client's X-Request-ID when it is a sane token, else a new one."""
-    for name, value in scope["headers"]:
-        if name == b"x-request-id":
-            text: str = value.decode("latin-1")
-            if _VALID_REQUEST_ID.fullmatch(text):
-                return text
-            break
-    return uuid.uuid4().hex
+    sent = next((value.decode("latin-1") for name, value in scope["headers"] if name == b"x-request-id"), None)
+    return request_id(sent)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import uuid
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -13,6 +15,17 @@ if TYPE_CHECKING:  # the log set-up runs before torch is imported, and needs non
     from app.engine.facade import Timings
 
 LogFormat = Literal["json", "text"]
+
+
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def request_id(sent: str | None) -> str:
+    """A request's id for its access line and answer: the client's (`X-Request-ID`, or the gRPC metadata
+    `x-request-id`) when it is a sane token, else a new one."""
+    if sent is not None and _SANE_REQUEST_ID.fullmatch(sent):
+        return sent
+    return uuid.uuid4().hex
 
 
 def timing_fields(timings: Timings) -> dict[str, float]:
