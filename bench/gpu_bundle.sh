@@ -14,5 +14,10 @@ fetch=${FETCH_WHEELS:-../shared/device/fetch-wheels.sh}
 mkdir -p .whl/grpc_proto && cp app/grpc/proto/*_pb2*.py .whl/grpc_proto/
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --platform manylinux_2_38_x86_64 perf-analyzer==2.60.0 -d .whl
+# decode_backend nvimagecodec (the `nvimagecodec` extra): nvImageCodec and the nvJPEG library it loads (CUDA 13.0's,
+# as PyTorch's), about 25 MB and 4 MB
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 nvidia-nvimgcodec-cu13==0.9.0.20 \
+  "nvidia-nvjpeg==13.0.*" -d .whl
 PYTHONPATH=$root "${PYTHON:-.venv/bin/python}" -c 'import pathlib, tests.support.photos as p; p.export(pathlib.Path(".whl/photos"))'
 du -sh .whl

@@ -83,6 +83,11 @@ def checks_table(raw: dict[str, Any]) -> list[str]:
     return lines
 
 
+def mps_note(row: dict[str, Any]) -> str:
+    """Whether a configuration that asked for CUDA MPS had it: on, unavailable, or failed (then it ran without)."""
+    return "" if row.get("mps", "off") == "off" else f" [MPS: {row['mps']}]"
+
+
 def serve_table(serve: dict[str, Any], raw: dict[str, Any] | None) -> list[str]:
     lines = [
         "| config | image | conc. | images/s | p50 ms | p99 ms | errors | mean batch | prepare ms/img | batch ms "
@@ -93,7 +98,7 @@ def serve_table(serve: dict[str, Any], raw: dict[str, Any] | None) -> list[str]:
         raw_value, mode = raw_fp16_at(raw, row["mean_batch"]) if raw and row.get("mean_batch") else (None, "")
         ratio = row["images_per_s"] / raw_value if raw_value else None
         lines.append(
-            f"| {row['config']} | {row['workload']} | {row['concurrency']} | {fmt(row['images_per_s'])} "
+            f"| {row['config']}{mps_note(row)} | {row['workload']} | {row['concurrency']} | {fmt(row['images_per_s'])} "
             f"| {fmt(row['p50_ms'], 1)} | {fmt(row['p99_ms'], 1)} | {sum(row['errors'].values())} "
             f"| {fmt(row.get('mean_batch'), 1)} | {fmt(row.get('prepare_ms_per_image'), 2)} "
             f"| {fmt(row.get('batch_ms'), 1)} | {fmt(raw_value)} {mode} | {fmt(ratio, 2)} |"

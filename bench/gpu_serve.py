@@ -4,7 +4,9 @@ For each configuration a real `vit-serve serve` process is started on the GPU an
 benchmark's two images (W-small: chelsea 451x300, W-photo: the same at 1920x1280, JPEG q90) at several concurrencies.
 Around each level /metrics is read, so every row also says where the time went: the mean batch size, decode and
 preprocess time per image on the CPU, queue wait and forward time per batch. Then the same photographs go through the
-GPU-decode and the CPU-decode servers and their logits are compared (top-1 agreement, relative error).
+GPU-decode servers (torchvision's nvJPEG, nvImageCodec) and the CPU-decode one and their logits are compared (top-1
+agreement, relative error). Several workers on one GPU run with and without CUDA MPS (where nvidia-cuda-mps-control
+exists: a daemon started for that configuration alone, in temporary folders), and against fewer, larger processes.
 
 The weights are random (the GPU host has no network): throughput and latency do not depend on them.
 
@@ -14,15 +16,18 @@ The weights are random (the GPU host has no network): throughput and latency do 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,39 +54,74 @@ class Config:
     levels: list[tuple[str, int]]  # (workload, concurrency)
     workers: int = 1
     env: dict[str, str] = field(default_factory=dict)
+    mps: bool = False  # the workers share the GPU through a CUDA MPS daemon
+
+
+NUMERICS = 2  # configs 0 and 1 (GPU decode, each backend) are kept up for the numerics against config 2 (CPU decode)
 
 
 def configs(smoke: bool, quick: bool = False) -> list[Config]:
-    """The GPU-decode server first (kept up for the numerics), then the CPU-decode one, then several workers."""
+    """The GPU-decode servers first (torchvision, nvImageCodec), then the CPU-decode one, then several workers: the
+    decode backends at 8 workers (the best of 2026-11-27) with and without MPS, and 2 larger processes."""
     if smoke:  # the script's own logic on a CPU: a tiny model, CPU decode on both sides
         cpu = ["--device", "cpu", "--decode-device", "cpu"]
         return [
             Config("cpu a", cpu, [("small", 1), ("photo", 4)]),
             Config("cpu b", cpu, [("small", 4)]),
-            Config("cpu, 2 workers", cpu, [("small", 4)], workers=2),
+            Config("cpu c", cpu, [("small", 4)]),
+            Config("cpu, 2 workers, MPS", cpu, [("small", 4)], workers=2, mps=True),
         ]
     fast = ["--device", "cuda", "--dtype", "fp16", "--cuda-graphs"]
-    cuda, cpu = [*fast, "--decode-device", "cuda"], [*fast, "--decode-device", "cpu"]
-    if quick:  # a short device lease: the targets' rows and the numerics only
+    tv = [*fast, "--decode-device", "cuda", "--decode-backend", "torchvision"]
+    nv = [*fast, "--decode-device", "cuda", "--decode-backend", "nvimagecodec"]
+    cpu = [*fast, "--decode-device", "cpu"]
+    larger = [*nv, "--decode-workers", "8", "--pipeline-depth", "4"]  # 2 processes of 8 decode threads, 4 lanes
+    photo = [("photo", 256)]
+    if quick:  # a short device lease: the targets' rows, the numerics, the backends and MPS at 8 workers
         return [
-            Config("fp16+graphs, decode cuda", cuda, [("small", 1), ("photo", 64)]),
+            Config("fp16+graphs, decode cuda (torchvision)", tv, [("small", 1), ("photo", 64)]),
+            Config("fp16+graphs, decode cuda (nvimagecodec)", nv, [("photo", 64)]),
             Config("fp16+graphs, decode cpu", cpu, [("photo", 64)]),
-            Config("fp16+graphs, decode cuda, 8 workers", cuda, [("photo", 256)], workers=8),
+            Config("decode cuda (nvimagecodec), 8 workers", nv, photo, workers=8),
+            Config("decode cuda (nvimagecodec), 8 workers, MPS", nv, photo, workers=8, mps=True),
         ]
     full = [("small", 1), ("small", 64), ("photo", 1), ("photo", 16), ("photo", 64), ("photo", 128)]
     return [
-        Config("fp16+graphs, decode cuda", cuda, full),
+        Config("fp16+graphs, decode cuda (torchvision)", tv, full),
+        Config("fp16+graphs, decode cuda (nvimagecodec)", nv, [("photo", 64), ("photo", 128)]),
         Config("fp16+graphs, decode cpu", cpu, [("photo", 64)]),
-        Config(
-            "fp16+graphs, decode cuda, 4 workers",
-            cuda,
-            [("small", 1), ("small", 64), ("photo", 64), ("photo", 128)],
-            workers=4,
-        ),
-        Config(
-            "fp16+graphs, decode cuda, 8 workers", cuda, [("photo", 128), ("photo", 256), ("small", 256)], workers=8
-        ),
+        Config("decode cuda (torchvision), 8 workers", tv, photo, workers=8),
+        Config("decode cuda (nvimagecodec), 8 workers", nv, photo, workers=8),
+        Config("decode cuda (torchvision), 8 workers, MPS", tv, photo, workers=8, mps=True),
+        Config("decode cuda (nvimagecodec), 8 workers, MPS", nv, photo, workers=8, mps=True),
+        Config("decode cuda (nvimagecodec), 2 workers x 8 decode threads, depth 4", larger, photo, workers=2),
     ]
+
+
+@contextlib.contextmanager
+def cuda_mps(wanted: bool) -> Iterator[tuple[str, dict[str, str]]]:
+    """A CUDA MPS control daemon for one configuration, in temporary folders: (what happened, the servers' env).
+
+    "off" when not wanted, "unavailable" without nvidia-cuda-mps-control, "on" when the daemon started (and is told
+    to quit after), else "failed: ..." (the configuration then runs without it)."""
+    binary = shutil.which("nvidia-cuda-mps-control")
+    if not wanted or binary is None:
+        yield ("off" if not wanted else "unavailable"), {}
+        return
+    with tempfile.TemporaryDirectory() as pipes, tempfile.TemporaryDirectory() as logs:
+        env = {"CUDA_MPS_PIPE_DIRECTORY": pipes, "CUDA_MPS_LOG_DIRECTORY": logs}
+        started = subprocess.run(
+            [binary, "-d"], env={**os.environ, **env}, capture_output=True, text=True, timeout=30, check=False
+        )
+        if started.returncode != 0:
+            yield f"failed: exit {started.returncode} {started.stderr.strip()[:200]}", {}
+            return
+        try:
+            yield "on", env
+        finally:
+            subprocess.run(
+                [binary], input="quit\n", env={**os.environ, **env}, capture_output=True, text=True, timeout=30
+            )
 
 
 def images() -> dict[str, bytes]:
@@ -115,7 +155,7 @@ def post(url: str, body: bytes, timeout: float = 60) -> dict[str, Any]:
 class Server:
     """A real vit-serve process on the GPU; its log goes to a file."""
 
-    def __init__(self, config: Config, log_path: Path, repository: Path) -> None:
+    def __init__(self, config: Config, log_path: Path, repository: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [
@@ -144,12 +184,13 @@ class Server:
             *config.flags,
         ]
         self.workers = config.workers
+        self.name = config.name
         self._log = log_path.open("w")
         self.process = subprocess.Popen(
             command,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "VIT_GRPC_PORT": "0"},  # HTTP only
+            env={**os.environ, **(env or {}), "VIT_GRPC_PORT": "0"},  # HTTP only; MPS's folders where it runs
         )
 
     def wait_ready(self, timeout_s: float = 300) -> float:
@@ -306,29 +347,44 @@ def main() -> None:
         (repository / "vit_b_16" / "model.toml").write_text(TINY if args.smoke else BASE)
         try:
             for index, config in enumerate(configs(args.smoke, args.quick)):
-                server = Server(config, args.out / f"server-{index}.log", repository)
-                servers.append(server)
-                ready_s = server.wait_ready()
-                print(f"== {config.name}: ready in {ready_s:.1f} s", flush=True)
-                settle(server, config, bodies, args)
-                for workload, concurrency in config.levels:
-                    rows.append(measure(server, config, workload, bodies[workload], concurrency, args))
-                    print(json.dumps(rows[-1]), flush=True)
-                    save(args.out, report)  # as it goes: a run cut short keeps what it measured
-                if index == 0 and args.perf_analyzer:
-                    report["perf_analyzer"] = perf_analyzer(server, args.perf_analyzer, bodies["photo"], args.out)
-                if index == 1:  # the GPU-decode server (kept up, idle) and the CPU-decode one: the same photographs
-                    report["numerics"] = numerics({"cuda": servers[0].url, "cpu": server.url})
-                    print(json.dumps(report["numerics"]), flush=True)
-                if index >= 1:
-                    for done in servers:
-                        if done.process.poll() is None:
-                            done.stop()
+                with cuda_mps(config.mps) as (mps, env):
+                    report.setdefault("mps", {})[config.name] = mps
+                    server = Server(config, args.out / f"server-{index}.log", repository, env)
+                    servers.append(server)
+                    run_config(server, config, bodies, args, rows, report, mps)
+                    if index == 0 and args.perf_analyzer:
+                        report["perf_analyzer"] = perf_analyzer(server, args.perf_analyzer, bodies["photo"], args.out)
+                    if index == NUMERICS:  # the GPU-decode servers (kept up, idle) and the CPU-decode one
+                        urls = {servers[n].name: servers[n].url for n in range(NUMERICS)}
+                        report["numerics"] = numerics({**urls, "cpu": server.url})
+                        print(json.dumps(report["numerics"]), flush=True)
+                    if index >= NUMERICS:  # before MPS's daemon quits: its clients first
+                        for done in servers:
+                            if done.process.poll() is None:
+                                done.stop()
         finally:
             for server in servers:
                 if server.process.poll() is None:
                     server.stop()
     save(args.out, report)
+
+
+def run_config(
+    server: Server,
+    config: Config,
+    bodies: dict[str, bytes],
+    args: argparse.Namespace,
+    rows: list[dict[str, Any]],
+    report: dict[str, Any],
+    mps: str,
+) -> None:
+    ready_s = server.wait_ready()
+    print(f"== {config.name}: ready in {ready_s:.1f} s (MPS: {mps})", flush=True)
+    settle(server, config, bodies, args)
+    for workload, concurrency in config.levels:
+        rows.append({**measure(server, config, workload, bodies[workload], concurrency, args), "mps": mps})
+        print(json.dumps(rows[-1]), flush=True)
+        save(args.out, report)  # as it goes: a run cut short keeps what it measured
 
 
 def save(out: Path, report: dict[str, Any]) -> None:

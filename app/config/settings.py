@@ -24,6 +24,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Dtype = Literal["auto", "fp32", "fp16", "bf16"]
 DecodeDevice = Literal["auto", "cpu", "cuda"]
+DecodeBackendSetting = Literal["auto", "torchvision", "nvimagecodec"]
 
 
 MaxBatchSize = Annotated[PositiveInt, Field(description="Largest batch sent to the model.")]
@@ -95,6 +96,7 @@ class AccelerationConfig:
     cuda_graphs: bool
     batch_buckets: list[int]
     decode_device: DecodeDevice
+    decode_backend: DecodeBackendSetting
     jpeg_draft: bool
     batch_memory_fraction: float
     pipeline_depth: int
@@ -152,6 +154,13 @@ class Settings(BaseSettings):
         description="Where JPEGs are decoded and preprocessed: cpu (PIL, in the decode threads), cuda (nvJPEG and "
         "resize on the model's GPU, a batch at a time; other formats, rotated or unusual JPEGs stay on the CPU), or "
         "auto (cuda when the models are on a GPU).",
+    )
+    decode_backend: DecodeBackendSetting = Field(
+        "auto",
+        description="Which library decodes the JPEGs sent to the GPU (decode_device cuda): torchvision (nvJPEG's "
+        "CUDA decode, on the GPU's SMs), nvimagecodec (nvImageCodec: the hardware JPEG decoder of an A100, H100 or "
+        "H200, else its batched CUDA decode; pip install 'vit-serve[nvimagecodec]'), or auto (nvimagecodec when it is "
+        "installed and JPEGs are decoded on the GPU, else torchvision).",
     )
     jpeg_draft: bool = Field(
         False,

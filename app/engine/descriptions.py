@@ -41,7 +41,8 @@ class ModelInfo:
     acceleration: Annotated[
         dict[str, Any],
         Field(
-            description="How batches run: compile, cuda_graphs, batch_buckets, decode_device, pipeline_depth, "
+            description="How batches run: compile, cuda_graphs, batch_buckets, decode_device, decode_backend (the "
+            "library decoding JPEGs on the GPU; null when they are decoded on the CPU), pipeline_depth, "
             "max_images_per_forward."
         ),
     ]

@@ -28,6 +28,7 @@ from app.errors import ServeError
 from app.pipeline.decode import decode
 from app.pipeline.gpu_decode import probe_jpeg
 from app.pipeline.image_scan import NO_LIMITS, ImageLimits, check_size, check_structure
+from app.pipeline.jpeg_decoders import decode_backend
 from app.pipeline.postprocess import ImageOutput
 from app.pipeline.preprocess import preprocess
 from app.runtime.device import dtype_name
@@ -82,6 +83,8 @@ class ServedModel:
             and device.type == "cuda"
             and loaded.preprocessing.takes_tensors
         )
+        # chosen once: a missing nvImageCodec asked for by name is a start-up error
+        self.decode_backend = decode_backend(acceleration.decode_backend, on_device=self.decode_on_device)
         self.pipeline_depth = acceleration.pipeline_depth or (2 if device.type == "cuda" else 1)
         self.max_images_per_forward = batching.max_batch_size  # bounded by device memory in the warm-up
         resize_side = loaded.preprocessing.resize_side
@@ -214,6 +217,7 @@ class ServedModel:
             max_images_per_forward=self.max_images_per_forward,
             preprocessor=self._preprocessor,
             decode_on_cpu=self._decode_on_cpu,
+            decode_backend=self.decode_backend,
         )
         for number in range(1, self.pipeline_depth + 1):
             forward = build_forward(
@@ -274,6 +278,7 @@ class ServedModel:
             "cuda_graphs": self.acceleration.cuda_graphs and self.on_gpu,
             "batch_buckets": self.buckets,
             "decode_device": "cuda" if self.decode_on_device else "cpu",
+            "decode_backend": self.decode_backend.name if self.decode_on_device else None,
             "jpeg_draft": self.draft_size is not None,
             "pipeline_depth": self.pipeline_depth,
             "max_images_per_forward": self.max_images_per_forward,

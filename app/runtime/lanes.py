@@ -1,7 +1,8 @@
 """A lane: what one batch in flight needs on the model's device: its CUDA streams, pinned host buffers and forward.
 
 A batch goes through its lane as: images preprocessed on the CPU stacked into a pinned buffer and copied to the
-device on the lane's copy stream; JPEGs left for the device decoded there (`gpu_decode`); the forward on the lane's
+device on the lane's copy stream; JPEGs left for the device decoded there (`jpeg_decoders`, the lane's own
+decoder, then `gpu_decode`'s preset); the forward on the lane's
 compute stream, in chunks of at most `max_images_per_forward`; logits, probabilities and embeddings copied back into
 a pinned buffer. A model has `pipeline_depth` lanes, so one batch's copies and decode overlap another's forward. On
 the CPU a lane is the forward alone, run on the calling thread.
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from app.errors import ServeError
-from app.pipeline.gpu_decode import EncodedJpeg, decode_jpegs, preprocess_decoded
+from app.pipeline.gpu_decode import EncodedJpeg, preprocess_decoded
+from app.pipeline.jpeg_decoders import TORCHVISION, DecodeBackend, JpegDecoder
 from app.pipeline.postprocess import ImageOutput
 from app.pipeline.preprocess import Preprocessor
 from app.runtime.runner import Forward
@@ -37,6 +39,7 @@ class LaneSpec:
     max_images_per_forward: int
     preprocessor: Preprocessor
     decode_on_cpu: Callable[[bytes], torch.Tensor]  # the CPU path, for a JPEG the device decoder refused
+    decode_backend: DecodeBackend = TORCHVISION  # the library decoding the JPEGs left for the device
 
 
 class Lane:
@@ -46,6 +49,7 @@ class Lane:
         self.spec = spec
         self.forward = forward
         self._cuda = spec.device.type == "cuda"
+        self._jpeg_decoder: JpegDecoder | None = None  # made at its first batch of JPEGs (in the warm-up)
         if self._cuda:
             self._copy_stream = torch.cuda.Stream(spec.device)  # type: ignore[no-untyped-call]
             self._compute_stream = torch.cuda.Stream(spec.device)  # type: ignore[no-untyped-call]
@@ -136,7 +140,9 @@ class Lane:
         device = self.spec.device
         pixels: list[torch.Tensor] = []
         errors: dict[int, ServeError] = {}
-        decoded = decode_jpegs(jpegs, device)
+        if self._jpeg_decoder is None:
+            self._jpeg_decoder = self.spec.decode_backend.new_decoder(device)
+        decoded = self._jpeg_decoder.decode(jpegs, device)
         on_device = [image for image in decoded if image is not None]
         resized: Iterator[torch.Tensor] = iter(
             preprocess_decoded(on_device, self.spec.preprocessor) if on_device else []

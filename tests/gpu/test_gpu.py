@@ -4,6 +4,8 @@ and the whole service with all of them. Skipped where there is no GPU (bench/gpu
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,9 @@ import torch
 
 from app.config.settings import Settings
 from app.engine.facade import Engine
-from app.pipeline.gpu_decode import decode_jpegs, preprocess_decoded, probe_jpeg
+from app.errors import InvalidImage
+from app.pipeline.gpu_decode import EncodedJpeg, decode_jpegs, preprocess_decoded, probe_jpeg
+from app.pipeline.jpeg_decoders import NVIMAGECODEC_MODULE, decode_backend
 from app.runtime.lanes import Lane
 from app.runtime.runner import EagerForward, Forward, GraphedForward, batch_buckets, build_forward, compile_module
 from tests.support.fakes import tiny_vit, write_model_folder
@@ -23,6 +27,9 @@ from tests.support.photos import photo_jpegs
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 CUDA = torch.device("cuda")
+needs_nvimagecodec = pytest.mark.skipif(
+    importlib.util.find_spec(NVIMAGECODEC_MODULE) is None, reason="needs nvImageCodec (the nvimagecodec extra)"
+)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -113,33 +120,84 @@ def test_nvjpeg_and_gpu_resize_stay_close_to_pil() -> None:
         assert difference.max().item() < 0.6, name
 
 
-async def test_the_service_on_the_gpu_with_every_fast_path_answers_each_request_its_own(tmp_path: Path) -> None:
-    write_model_folder(tmp_path, "tiny", tiny_vit(image_size=224, num_classes=1000))
+async def serve_photos(tmp_path: Path, decode_device: str, backend: str) -> np.ndarray:
+    """The photographs' logits from the service on the GPU with every fast path, sent concurrently."""
+    repository = tmp_path / f"{decode_device}-{backend}"
+    write_model_folder(repository, "tiny", tiny_vit(image_size=224, num_classes=1000))
     photos = list(photo_jpegs().values())
-    logits = {}
-    for decode_device in ("cpu", "cuda"):
-        settings = Settings(
-            model_repository=tmp_path,
-            model=["tiny"],
-            device="cuda",
-            dtype="fp16",
-            cuda_graphs=True,
-            decode_device=decode_device,
-            max_batch_size=8,
-            max_queue_delay_ms=20,
-            drain_timeout_s=10,
+    settings = Settings(
+        model_repository=repository,
+        model=["tiny"],
+        device="cuda",
+        dtype="fp16",
+        cuda_graphs=True,
+        decode_device=decode_device,
+        decode_backend=backend,
+        max_batch_size=8,
+        max_queue_delay_ms=20,
+        drain_timeout_s=10,
+    )
+    engine = Engine.load(settings)
+    async with serve_in_process(engine, settings) as client:
+        responses = await asyncio.gather(
+            *(client.post("/v1/classify", content=p, headers={"Content-Type": "image/jpeg"}) for p in photos)
         )
-        engine = Engine.load(settings)
-        async with serve_in_process(engine, settings) as client:
-            responses = await asyncio.gather(
-                *(client.post("/v1/classify", content=p, headers={"Content-Type": "image/jpeg"}) for p in photos)
-            )
-            assert [r.status_code for r in responses] == [200] * len(photos)
-            logits[decode_device] = np.array([r.json()["predictions"][0]["logits"] for r in responses])
-            model = engine.model()
-            assert max(model.batcher.stats.batch_sizes) > 1  # concurrent requests were batched
-            assert model.info().acceleration["cuda_graphs"] is True
-    cpu, gpu = logits["cpu"], logits["cuda"]
+        assert [r.status_code for r in responses] == [200] * len(photos)
+        model = engine.model()
+        assert max(model.batcher.stats.batch_sizes) > 1  # concurrent requests were batched
+        info = model.info().acceleration
+        assert info["cuda_graphs"] is True
+        assert info["decode_backend"] == (backend if decode_device == "cuda" else None)
+    return np.array([r.json()["predictions"][0]["logits"] for r in responses])
+
+
+async def test_the_service_on_the_gpu_with_every_fast_path_answers_each_request_its_own(tmp_path: Path) -> None:
+    cpu = await serve_photos(tmp_path, "cpu", "torchvision")
+    gpu = await serve_photos(tmp_path, "cuda", "torchvision")
+    assert (cpu.argmax(1) == gpu.argmax(1)).all()
+    assert (np.abs(cpu - gpu).max(1) / np.abs(cpu).max(1)).max() < 0.05
+
+
+@needs_nvimagecodec
+def test_nvimagecodec_and_gpu_resize_stay_close_to_pil() -> None:
+    """The same bound as nvJPEG's above, the photographs decoded as one batch (the hardware decoder where there is
+    one: A100, H100, H200)."""
+    decoder = decode_backend("nvimagecodec", on_device=True).new_decoder(CUDA)
+    photos = photo_jpegs()
+    encoded = [probe_jpeg(data, max_pixels=10**9) for data in photos.values()]
+    decoded = decoder.decode([e for e in encoded if e is not None], CUDA)
+    assert len(decoded) == len(photos)
+    for (name, data), image in zip(photos.items(), decoded, strict=True):
+        assert image is not None, name
+        assert image.shape[0] == 3 and image.dtype == torch.uint8 and image.device.type == "cuda"
+        difference = (preprocess_decoded([image], PRESET)[0].cpu() - preset_pixels(data)).abs()
+        print(f"{name}: mean {difference.mean():.4f} max {difference.max():.4f} (normalised units, nvImageCodec)")
+        assert difference.mean().item() < 0.02, name
+        assert difference.max().item() < 0.6, name
+
+
+@needs_nvimagecodec
+def test_a_jpeg_nvimagecodec_cannot_read_goes_to_the_cpu_path_alone() -> None:
+    """A corrupt file past the probe (here forced in): the rest of the batch decodes on the device, it fails alone."""
+    model = model_224().half()
+    lane = cuda_lane(EagerForward(model), per_forward=8)
+    lane = Lane(replace(lane.spec, decode_backend=decode_backend("nvimagecodec", on_device=True)), lane.forward)
+    photos = list(photo_jpegs().values())[:3]
+    encoded = [e for e in (probe_jpeg(p, max_pixels=10**9) for p in photos) if e is not None]
+    garbage = b"\xff\xd8" + bytes(range(256)) * 8 + b"\xff\xd9"
+    corrupt = EncodedJpeg(torch.frombuffer(bytearray(garbage), dtype=torch.uint8), garbage, 64, 64)
+    outputs = lane.run([encoded[0], corrupt, *encoded[1:]])
+    assert isinstance(outputs[1], InvalidImage)
+    with torch.inference_mode():
+        expected = model(torch.stack([preset_pixels(p) for p in photos]).to(CUDA, torch.float16)).float().cpu()
+    for got, want in zip([outputs[0], *outputs[2:]], expected, strict=True):
+        assert got.logits.argmax() == want.argmax()  # type: ignore[union-attr]
+
+
+@needs_nvimagecodec
+async def test_the_service_with_nvimagecodec_answers_as_the_cpu_path(tmp_path: Path) -> None:
+    cpu = await serve_photos(tmp_path, "cpu", "torchvision")
+    gpu = await serve_photos(tmp_path, "cuda", "nvimagecodec")
     assert (cpu.argmax(1) == gpu.argmax(1)).all()
     assert (np.abs(cpu - gpu).max(1) / np.abs(cpu).max(1)).max() < 0.05
 

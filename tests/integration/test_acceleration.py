@@ -299,6 +299,7 @@ async def test_model_info_says_how_batches_run() -> None:
         "cuda_graphs": False,  # asked for by default, but this model is on the CPU
         "batch_buckets": [1, 2, 4, 8],
         "decode_device": "cpu",
+        "decode_backend": None,
         "jpeg_draft": False,
         "pipeline_depth": 1,
         "max_images_per_forward": 8,

@@ -83,6 +83,7 @@ CPU_ACCELERATION = AccelerationConfig(
     cuda_graphs=True,  # the defaults: nothing on a CPU
     batch_buckets=[],
     decode_device="auto",
+    decode_backend="auto",
     jpeg_draft=False,
     batch_memory_fraction=0.5,
     pipeline_depth=0,
