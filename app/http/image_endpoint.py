@@ -18,7 +18,8 @@ from app.http.dependencies import ModelName, engine_of
 from app.http.disconnect import until_disconnected
 from app.http.responses import JSONResponse
 from app.http.schemas import ERROR_RESPONSES, ImagesJSON, image_body_doc
-from app.http.timing import server_timing, timing_fields
+from app.http.timing import server_timing
+from app.observability.logs import timing_fields
 
 Options = TypeVar("Options", bound=BaseModel)
 

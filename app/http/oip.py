@@ -13,7 +13,8 @@ from app.http.dependencies import engine_of, settings_of
 from app.http.disconnect import until_disconnected
 from app.http.responses import JSONResponse
 from app.http.schemas import ERROR_RESPONSES
-from app.http.timing import server_timing, timing_fields
+from app.http.timing import server_timing
+from app.observability.logs import timing_fields
 from app.protocols.off_loop import parse_off_loop
 from app.protocols.oip.inference import run
 from app.protocols.oip.models import OipModel, resolve

@@ -1,11 +1,8 @@
-"""Where a request's time went, for its log line and its Server-Timing header."""
+"""A request's Server-Timing header (the fields of its log line: `observability.logs.timing_fields`)."""
 
 from __future__ import annotations
 
 from app.engine.facade import Timings
-from app.observability.logs import timing_fields
-
-__all__ = ["server_timing", "timing_fields"]
 
 
 def server_timing(timings: Timings) -> str:
