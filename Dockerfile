@@ -14,7 +14,8 @@ FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS deps
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
 ARG TORCH_INDEX_URL=https://pypi.org/simple
-# Optional model sources, comma-separated: --build-arg EXTRAS=hf,timm (Hugging Face Transformers and timm models).
+# Optional extras, comma-separated: --build-arg EXTRAS=hf,timm (Hugging Face Transformers and timm models),
+# EXTRAS=openvino or EXTRAS=onnx (the OpenVINO and ONNX Runtime backends, docs/guides/backends.md).
 ARG EXTRAS=""
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \

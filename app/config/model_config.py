@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
 
-from app.config.settings import BatchingConfig
+from app.config.settings import AccelerationConfig, BackendName, BatchingConfig, Precision
 from app.errors import ModelLoadError, describe_validation_error
 
 CONFIG_FILE = "model.toml"
@@ -46,6 +47,21 @@ class BatchingOverrides(_Strict):
     max_queue_bytes: PositiveInt | None = None
 
 
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class AccuracyGate(_Strict):
+    """`[accuracy_gate]`: the bounds a fast path (any backend, dtype or decode other than torch fp32 on exact CPU
+    decode) must meet against torch fp32 on the gate's images at start, else the model refuses to start. Unset bounds
+    are measured and reported, not enforced."""
+
+    min_top1_agreement: Fraction = 0.99
+    min_top5_overlap: Fraction | None = None
+    max_relative_error: Annotated[float, Field(ge=0)] | None = None
+    max_mean_relative_error: Annotated[float, Field(ge=0)] | None = None
+    images: PositiveInt = 64  # the most of the gate's images it runs
+
+
 class ModelConfig(_Strict):
     """One model folder's `model.toml`, plus where it was found. What `arch`, `weights`, `[arch_params]` and
     `[preprocess]` may hold is up to the model source `arch` names (`app.sources.registry`), which checks them."""
@@ -59,10 +75,24 @@ class ModelConfig(_Strict):
     arch_params: ArchParams | None = None
     preprocess: PreprocessConfig = PreprocessConfig()
     batching: BatchingOverrides = BatchingOverrides()
+    backend: BackendName | None = None  # None: the global setting
+    precision: Precision | None = None
+    accuracy_gate: AccuracyGate = AccuracyGate()
 
     def batching_config(self, defaults: BatchingConfig) -> BatchingConfig:
         overrides = self.batching.model_dump(exclude_none=True)
         return defaults.model_copy(update=overrides)
+
+    def acceleration_config(self, defaults: AccelerationConfig) -> AccelerationConfig:
+        """The global acceleration settings with this model's backend and precision, where it sets them."""
+        return dataclasses.replace(
+            defaults, backend=self.backend or defaults.backend, precision=self.precision or defaults.precision
+        )
+
+    @property
+    def calibration_folder(self) -> Path:
+        """Images for int8 calibration and the accuracy gate: `calibration/` in the model's folder."""
+        return self.folder / "calibration"
 
     @property
     def file(self) -> Path:

@@ -25,6 +25,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 Dtype = Literal["auto", "fp32", "fp16", "bf16"]
 DecodeDevice = Literal["auto", "cpu", "cuda"]
 DecodeBackendSetting = Literal["auto", "torchvision", "nvimagecodec"]
+BackendName = Literal["torch", "onnxruntime", "openvino"]
+Precision = Literal["float", "int8"]
 
 
 MaxBatchSize = Annotated[PositiveInt, Field(description="Largest batch sent to the model.")]
@@ -100,6 +102,8 @@ class AccelerationConfig:
     jpeg_draft: bool
     batch_memory_fraction: float
     pipeline_depth: int
+    backend: BackendName = "torch"
+    precision: Precision = "float"
 
 
 class Settings(BaseSettings):
@@ -136,6 +140,18 @@ class Settings(BaseSettings):
     weights_cache_dir: WeightsCacheDir = None
     device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
     dtype: Dtype = Field("auto", description="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")
+    backend: BackendName = Field(
+        "torch",
+        description="What runs the models' forward (a model's model.toml may set its own): torch, onnxruntime (the "
+        "model exported to ONNX once and cached; pip install 'vit-serve[onnx]') or openvino (the same export, compiled "
+        "by OpenVINO for the CPU; pip install 'vit-serve[openvino]'). Every backend but torch fp32 is checked against "
+        "torch fp32 by the accuracy gate at start.",
+    )
+    precision: Precision = Field(
+        "float",
+        description="float (the dtype setting's) or int8: post-training static quantisation of the ONNX export, "
+        "calibrated on the images in the model folder's calibration/ (backend onnxruntime or openvino).",
+    )
     compile: bool = Field(
         False, description="torch.compile the model; the warm-up compiles every batch-size bucket before ready."
     )

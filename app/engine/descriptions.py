@@ -23,6 +23,34 @@ class Measured:
 
 
 @dataclass(frozen=True, slots=True)
+class Agreement:
+    """How closely a fast path's logits follow the exact path's, over the gate's images."""
+
+    path: Annotated[str, Field(description="The fast path measured, e.g. openvino+int8, fp16+compile, jpeg_draft.")]
+    images: Annotated[int, Field(description="Images compared.")]
+    source: Annotated[str, Field(description="Where they came from: calibration images, built-in photographs, ...")]
+    top1_agreement: Annotated[float, Field(description="Share of images whose top-1 class is the same.")]
+    top5_overlap: Annotated[float, Field(description="Mean share of the exact top-5 classes in the fast top-5.")]
+    max_relative_error: Annotated[
+        float, Field(description="Largest logit error over the images, each relative to its exact largest |logit|.")
+    ]
+    mean_relative_error: Annotated[float, Field(description="The same, averaged over the images.")]
+    passed: Annotated[bool, Field(description="Whether every bound of the model's [accuracy_gate] is met.")] = True
+
+    def as_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def measures(self) -> dict[str, float]:
+        """The four figures by name (the metrics' `measure` label)."""
+        return {
+            "top1_agreement": self.top1_agreement,
+            "top5_overlap": self.top5_overlap,
+            "max_relative_error": self.max_relative_error,
+            "mean_relative_error": self.mean_relative_error,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class ModelInfo:
     """A served model: what it is, how it runs, and whether it is ready."""
 
@@ -43,7 +71,9 @@ class ModelInfo:
         Field(
             description="How batches run: compile, cuda_graphs, batch_buckets, decode_device, decode_backend (the "
             "library decoding JPEGs on the GPU; null when they are decoded on the CPU), pipeline_depth, "
-            "max_images_per_forward."
+            "max_images_per_forward, backend (torch, onnxruntime, openvino), precision (float, int8), explain_backend "
+            "(explanations always run on torch), fast_path (what differs from torch fp32 on exact CPU decode; null: "
+            "none)."
         ),
     ]
     measured: Annotated[
@@ -51,6 +81,13 @@ class ModelInfo:
         Field(
             description="What the warm-up timed on this device (null while warming up): a client sizes its batches "
             "and timeouts by it."
+        ),
+    ]
+    accuracy_gate: Annotated[
+        Agreement | None,
+        Field(
+            description="How the model's fast path (acceleration.fast_path) agreed with torch fp32 on the accuracy "
+            "gate's images at start; null on the exact path (nothing to check) and while warming up."
         ),
     ]
     ready: bool

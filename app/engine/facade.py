@@ -23,7 +23,7 @@ from app.config.model_config import list_models
 from app.config.settings import Settings
 from app.engine.batcher import Batcher, Completed
 from app.engine.decode_pool import DecodePool
-from app.engine.descriptions import BatchRecord, ModelInfo, ModelStatus, RepositoryEntry
+from app.engine.descriptions import Agreement, BatchRecord, ModelInfo, ModelStatus, RepositoryEntry
 from app.engine.loading import ModelLoader
 from app.engine.served_model import ServedModel
 from app.engine.tracing import NO_STAGE, NO_TRACER, Stage, Tracer
@@ -142,6 +142,9 @@ class EngineObserver(Protocol):
     def model_unloaded(self, name: str) -> None:
         """A model is no longer served."""
 
+    def accuracy_measured(self, model: str, agreement: Agreement) -> None:
+        """A model's accuracy gate measured its fast path against torch fp32, in its warm-up."""
+
 
 class _Events:
     """The engine's events, passed on to every observer (and each traced batch to the tracer): the served models
@@ -164,6 +167,10 @@ class _Events:
     def batch_split(self, model: str, size: int) -> None:
         for observer in self.observers:
             observer.batch_split(model, size)
+
+    def accuracy_measured(self, model: str, agreement: Agreement) -> None:
+        for observer in self.observers:
+            observer.accuracy_measured(model, agreement)
 
     def model_loaded(self, model: ModelInfo) -> None:
         for observer in self.observers:

@@ -6,10 +6,15 @@ serving) and the batch predictor both load through it, so a model served and a m
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+
+import torch
 
 from app.config.settings import Settings
 from app.engine.descriptions import ModelInfo
 from app.engine.served_model import ServedModel
+from app.errors import ModelLoadError
+from app.runtime.backends.registry import backend_for
 from app.runtime.device import check_acceleration, resolve_device, resolve_dtype
 from app.sources.registry import load_model, read_config
 
@@ -34,7 +39,18 @@ class ModelLoader:
             name,
             weights_override=settings.weights if name == settings.default_model else None,
         )
-        loaded = load_model(config, device=self.device, dtype=self.dtype, cache_dir=settings.weights_cache_dir)
+        acceleration = config.acceleration_config(self.acceleration)
+        backend = backend_for(acceleration.backend)
+        try:  # before any weights are read: a backend not installed, or not for this device, is one line
+            backend.check(self.device, self.dtype, acceleration.precision)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"model {config.name!r}: {exc}") from None
+        loaded = load_model(
+            config,
+            device=self.device,
+            dtype=backend.module_dtype(self.dtype),
+            cache_dir=settings.weights_cache_dir,
+        )
         model = ServedModel(
             config.name,
             config.arch,
@@ -42,7 +58,11 @@ class ModelLoader:
             device=self.device,
             dtype=self.dtype,
             batching=config.batching_config(settings.batching(on_cpu=self.device.type == "cpu")),
-            acceleration=self.acceleration,
+            acceleration=acceleration,
+            gate=config.accuracy_gate,
+            calibration=config.calibration_folder,
+            export_dir=export_cache(settings.weights_cache_dir),
+            fingerprint=config.model_dump_json(include={"arch", "num_classes", "arch_params", "labels"}),
         )
         info = model.info()
         log.info(
@@ -57,6 +77,11 @@ class ModelLoader:
             extra={"fields": _startup_fields(info)},
         )
         return model
+
+
+def export_cache(weights_cache_dir: Path | None) -> Path:
+    """Where ONNX exports are cached: `exports/` beside the downloaded weights (torch hub's folder by default)."""
+    return (weights_cache_dir or Path(torch.hub.get_dir())) / "vit-serve-exports"
 
 
 def _startup_fields(info: ModelInfo) -> dict[str, object]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import io
 import logging
 import math
@@ -14,27 +15,33 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from PIL import Image
 from torch import nn
 
+from app.config.model_config import AccuracyGate
 from app.config.settings import AccelerationConfig, BatchingConfig
+from app.engine.accuracy_gate import compare, enforce, gate_images, image_files
 from app.engine.batcher import Batcher
-from app.engine.descriptions import BatchRecord, Measured, ModelInfo, ModelStatus
+from app.engine.descriptions import Agreement, BatchRecord, Measured, ModelInfo, ModelStatus
 from app.engine.explainer import Explainer
-from app.errors import ServeError
+from app.errors import ModelLoadError, ServeError
 from app.pipeline.decode import decode
 from app.pipeline.gpu_decode import probe_jpeg
 from app.pipeline.image_scan import NO_LIMITS, ImageLimits, check_size, check_structure
 from app.pipeline.jpeg_decoders import decode_backend
 from app.pipeline.postprocess import ImageOutput
 from app.pipeline.preprocess import preprocess
+from app.runtime.backends.base import ForwardPlan
+from app.runtime.backends.onnx_export import MAX_CALIBRATION_IMAGES
+from app.runtime.backends.registry import backend_for
 from app.runtime.device import dtype_name
 from app.runtime.lanes import Lane, LaneSpec, Prepared
 from app.runtime.memory import forward_bytes_per_image, images_per_forward
-from app.runtime.runner import batch_buckets, build_forward, compile_module
+from app.runtime.runner import batch_buckets
 from app.sources.base import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -46,6 +53,8 @@ class ModelEvents(Protocol):
     def batch_done(self, model: str, record: BatchRecord) -> None: ...
 
     def batch_split(self, model: str, size: int) -> None: ...
+
+    def accuracy_measured(self, model: str, agreement: Agreement) -> None: ...
 
 
 class WarmUpStopped(Exception):
@@ -66,7 +75,13 @@ class ServedModel:
         dtype: torch.dtype,
         batching: BatchingConfig,
         acceleration: AccelerationConfig,
+        gate: AccuracyGate | None = None,
+        calibration: Path | None = None,
+        export_dir: Path | None = None,
+        fingerprint: str = "",
     ) -> None:
+        """`dtype` is the compute precision asked for; the module is loaded in `backend.module_dtype(dtype)` (fp32
+        for a backend that exports it). `calibration`: the folder of int8's and the accuracy gate's images."""
         self.name = name
         self.arch = arch
         self.labels = loaded.labels
@@ -78,6 +93,13 @@ class ServedModel:
         self._device = device
         self._dtype = dtype
         self.acceleration = acceleration
+        self.backend = backend_for(acceleration.backend)
+        self._module_dtype = self.backend.module_dtype(dtype)  # what the torch module computes in
+        self.gate = gate or AccuracyGate()
+        self.calibration = calibration
+        self._export_dir = export_dir
+        self._fingerprint = fingerprint or f"{arch}|{len(self.labels)}|{self.embedding_dim}"
+        self.agreement: Agreement | None = None  # measured in the warm-up, on a fast path
         self.decode_on_device = (
             acceleration.decode_device in ("auto", "cuda")
             and device.type == "cuda"
@@ -104,7 +126,9 @@ class ServedModel:
         )
         # None when this model's attention cannot be read
         self.explainer = (
-            Explainer(name, loaded.attention, loaded.preprocessing, device=device, dtype=dtype, batching=batching)
+            Explainer(
+                name, loaded.attention, loaded.preprocessing, device=device, dtype=self._module_dtype, batching=batching
+            )
             if loaded.attention is not None
             else None
         )
@@ -116,6 +140,23 @@ class ServedModel:
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def fast_path(self) -> str | None:
+        """What this model runs that is not the exact path (torch fp32, JPEGs decoded on the CPU at full scale), as
+        one name (`openvino+int8`, `fp16+compile+gpu_decode`), or None: the accuracy gate has nothing to check."""
+        parts = [] if self.backend.name == "torch" else [self.backend.name]
+        if self.acceleration.precision == "int8":
+            parts.append("int8")
+        if self._dtype != torch.float32:
+            parts.append(dtype_name(self._dtype))
+        if self.acceleration.compile and self.backend.name == "torch":
+            parts.append("compile")
+        if self.draft_size is not None:
+            parts.append("jpeg_draft")
+        if self.decode_on_device:
+            parts.append(f"gpu_decode({self.decode_backend.name})")
+        return "+".join(parts) or None
 
     @property
     def on_gpu(self) -> bool:
@@ -179,9 +220,10 @@ class ServedModel:
             half = len(images) // 2
             return self._run(lane, images[:half]) + self._run(lane, images[half:])
 
-    def warm_up(self) -> None:
+    def warm_up(self, *, gate: bool = True) -> None:
         """Build the lanes and run every batch size each will see (compiling and capturing), before ready; then time
-        one image and the largest batch (`measured`). Each step is logged as it starts and ends.
+        one image and the largest batch (`measured`); then, on a fast path, the accuracy gate (unless `gate` is
+        False: `vit-serve verify` runs it on its own images). Each step is logged as it starts and ends.
 
         On the CPU a lane needs one image through it, not a full batch (seconds of a ViT-B on two cores). On CUDA, first
         measure one image's forward memory and bound the images per forward by
@@ -206,10 +248,26 @@ class ServedModel:
                 extra={"fields": {"model": self.name, "bytes_per_image": per_image}},
             )
         self.buckets = batch_buckets(self.max_images_per_forward, acceleration.batch_buckets)
-        compiled = compile_module(self._module) if acceleration.compile else None
-        spec = LaneSpec(
+        plan = ForwardPlan(
+            name=self.name,
+            module=self._module,
             device=self._device,
             dtype=self._dtype,
+            precision=acceleration.precision,
+            input_shape=self.input_shape,
+            buckets=self.buckets,
+            compile=acceleration.compile,
+            cuda_graphs=acceleration.cuda_graphs,
+            export_dir=self._export_dir,
+            fingerprint=self._fingerprint,
+            calibration=self._calibration_images,
+            threads=torch.get_num_threads(),
+        )
+        with self._step(f"backend {self.backend.name}"):
+            new_forward = self.backend.prepare(plan)
+        spec = LaneSpec(
+            device=self._device,
+            dtype=self._module_dtype,
             input_shape=self.input_shape,
             max_batch_size=max_batch_size,
             num_classes=self.num_classes,
@@ -219,14 +277,9 @@ class ServedModel:
             decode_on_cpu=self._decode_on_cpu,
             decode_backend=self.decode_backend,
         )
+        first: Lane | None = None
         for number in range(1, self.pipeline_depth + 1):
-            forward = build_forward(
-                self._module,
-                device=self._device,
-                buckets=self.buckets,
-                compiled=compiled,
-                cuda_graphs=acceleration.cuda_graphs,
-            )
+            forward = new_forward()
             lane = Lane(spec, forward)
             with self._step(f"lane {number} of {self.pipeline_depth} ({type(forward).__name__})"):
                 lane.warm_up(example)
@@ -236,7 +289,67 @@ class ServedModel:
                     lane.run([jpeg, jpeg])
             if number == 1:
                 self.measured = self._measure(lane, example)
+                first = lane
             self._lanes.put(lane)
+        path = self.fast_path
+        if gate and path is not None and first is not None:
+            images, source = gate_images(self.calibration, self.gate.images)
+            with self._step(f"accuracy gate: {path} against torch fp32 on {len(images)} {source}"):
+                self.agreement = self.compare(images, source, lane=first)
+            log.info(
+                "model %r: accuracy gate: %s: top-1 agreement %.4g, top-5 overlap %.4g, relative logit error max "
+                "%.3g mean %.3g on %d %s",
+                self.name,
+                path,
+                self.agreement.top1_agreement,
+                self.agreement.top5_overlap,
+                self.agreement.max_relative_error,
+                self.agreement.mean_relative_error,
+                self.agreement.images,
+                source,
+                extra={"fields": {"model": self.name, "accuracy_gate": self.agreement.as_json()}},
+            )
+            if self.events is not None:
+                self.events.accuracy_measured(self.name, self.agreement)
+            enforce(self.name, self.agreement, self.gate)
+
+    def compare(self, images: list[bytes], source: str, *, lane: Lane | None = None) -> Agreement:
+        """This model's served path against the exact path (CPU decode at full scale, the torch module in fp32) on
+        `images`: the accuracy gate's figures, judged by the model's bounds. Blocking; for the warm-up and `verify`."""
+        if lane is None:
+            lane = self._lanes.get(timeout=60)
+            try:
+                return self.compare(images, source, lane=lane)
+            finally:
+                self._lanes.put(lane)
+        chunk = self.batcher.config.max_batch_size
+        exact_module = self._module
+        if self._module_dtype != torch.float32:
+            exact_module = copy.deepcopy(self._module).to(torch.float32)
+        exact_rows: list[torch.Tensor] = []
+        fast_rows: list[torch.Tensor] = []
+        classes = self.num_classes
+        with torch.inference_mode():
+            for start in range(0, len(images), chunk):
+                part = images[start : start + chunk]
+                pixels = torch.stack([self.prepare_on_cpu(data, NO_LIMITS) for data in part]).to(self._device)
+                exact_rows.append(exact_module(pixels)[:, :classes].float().cpu())
+                outputs = lane.run([self.prepare(data, NO_LIMITS) for data in part])
+                for output in outputs:
+                    if isinstance(output, ServeError):
+                        raise output
+                fast_rows.append(torch.stack([output.logits for output in outputs if isinstance(output, ImageOutput)]))
+        return compare(self.fast_path or "exact", source, torch.cat(exact_rows), torch.cat(fast_rows), self.gate)
+
+    def _calibration_images(self) -> list[torch.Tensor]:
+        """The model folder's calibration images, preprocessed exactly (int8's calibration reads them)."""
+        files = image_files(self.calibration) if self.calibration is not None else []
+        if not files:
+            raise ModelLoadError(
+                f"model {self.name!r}: precision int8 needs calibration images in {self.calibration}: a few hundred "
+                "of the images the model will serve (JPEG, PNG, ...)"
+            )
+        return [self.prepare_on_cpu(file.read_bytes(), NO_LIMITS) for file in files[:MAX_CALIBRATION_IMAGES]]
 
     def _measure(self, lane: Lane, example: torch.Tensor) -> Measured:
         """One image alone, then the largest batch, through a warm lane: the latency and throughput served."""
@@ -282,6 +395,10 @@ class ServedModel:
             "jpeg_draft": self.draft_size is not None,
             "pipeline_depth": self.pipeline_depth,
             "max_images_per_forward": self.max_images_per_forward,
+            "backend": self.backend.name,
+            "precision": self.acceleration.precision,
+            "explain_backend": "torch" if self.explainer is not None else None,
+            "fast_path": self.fast_path,
         }
 
     async def start(self) -> None:
@@ -315,6 +432,7 @@ class ServedModel:
             preprocess=self._loaded.preprocessing.info,
             acceleration=self.acceleration_info(),
             measured=self.measured,
+            accuracy_gate=self.agreement,
             ready=self.ready,
         )
 

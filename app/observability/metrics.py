@@ -20,7 +20,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from app.engine.descriptions import BatchRecord, ModelInfo, ModelStatus
+from app.engine.descriptions import Agreement, BatchRecord, ModelInfo, ModelStatus
 from app.errors import (
     ClientDisconnected,
     DeadlineExceeded,
@@ -123,6 +123,14 @@ class Metrics:
             multiprocess_mode="livemin",
             registry=r,
         )
+        self.accuracy_gate = Gauge(
+            "vit_accuracy_gate",
+            "A model's fast path against torch fp32 on the accuracy gate's images, measured at start: top1_agreement, "
+            "top5_overlap, max_relative_error, mean_relative_error (no series on the exact path).",
+            ["model", "path", "measure"],
+            multiprocess_mode="livemostrecent",
+            registry=r,
+        )
         self.oom_splits = Counter(
             "vit_oom_splits", "Batches retried in two halves after running out of device memory.", ["model"], registry=r
         )
@@ -187,6 +195,10 @@ class Metrics:
 
     def batch_split(self, model: str, size: int) -> None:
         self.oom_splits.labels(model).inc()
+
+    def accuracy_measured(self, model: str, agreement: Agreement) -> None:
+        for measure, value in agreement.measures().items():
+            self.accuracy_gate.labels(model, agreement.path, measure).set(value)
 
     def batch_done(self, model: str, record: BatchRecord) -> None:
         self.batch_size.labels(model).observe(record.size)

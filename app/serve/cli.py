@@ -79,6 +79,19 @@ class Batch(BaseSettings):
         sys.exit(batch(self))
 
 
+class Verify(Settings):
+    """Measure a model's fast path (its backend, precision, dtype, decode) against torch fp32 on IMAGES (default: its
+    calibration images, else the built-in photographs): the accuracy gate's table; status 1 below its bounds."""
+
+    target: CliPositionalArg[str] = Field(description="The model (a folder of the model repository).")
+    images: CliPositionalArg[list[Path]] = Field(
+        default_factory=list, description="Image files or folders of images to compare on."
+    )
+
+    def cli_cmd(self) -> None:
+        sys.exit(verify(self))
+
+
 # `predict` is the client's command (vit-serve-client, which this package includes): `main` hands it over, with its
 # own parser. This model only lists it here.
 class Predict(BaseModel):
@@ -102,6 +115,7 @@ class VitServe(BaseSettings):
     download: CliSubCommand[Download]
     predict: CliSubCommand[Predict]
     batch: CliSubCommand[Batch]
+    verify: CliSubCommand[Verify]
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)
@@ -173,6 +187,42 @@ def batch(command: Batch) -> int:
     return 1 if summary.failed else 0
 
 
+def verify(command: Verify) -> int:
+    """`vit-serve verify`; the exit status: 0 when the bounds are met, 1 when not, 2 when the model cannot load."""
+    from app.engine.accuracy_gate import gate_images, images_under, table
+    from app.engine.loading import ModelLoader
+    from app.observability.logs import configure_logging
+    from app.runtime.device import set_torch_threads
+
+    configure_logging("warning", "text")
+    settings = Settings.model_validate({**command.model_dump(exclude={"target", "images"}), "model": [command.target]})
+    set_torch_threads(settings.resolved_torch_threads())
+    try:
+        model = ModelLoader(settings)(command.target)
+        model.warm_up(gate=False)
+        if command.images:
+            files = images_under(command.images)
+            images, source = [file.read_bytes() for file in files], "given images"
+        else:
+            images, source = gate_images(model.calibration, model.gate.images)
+        if not images:
+            print("vit-serve verify: no images to compare on", file=sys.stderr)
+            return 2
+        agreement = model.compare(images, source)
+    except (ModelLoadError, OSError) as error:
+        print(f"vit-serve verify: {error}", file=sys.stderr)
+        return 2
+    except ServeError as error:  # an image that cannot be read
+        print(f"vit-serve verify: {error.message}", file=sys.stderr)
+        return 2
+    if model.fast_path is None:
+        print(
+            f"model {command.target!r} runs the exact path (torch fp32, CPU decode): the figures compare it with itself"
+        )
+    print(table(command.target, agreement, model.gate))
+    return 0 if agreement.passed else 1
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["predict"]:
@@ -185,7 +235,9 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGTERM, _stop_before_serving)
     try:
         CliApp.run(
-            VitServe, cli_args=args, cli_settings_source=HandWrittenHelp(VitServe, commands=[Serve, Download, Batch])
+            VitServe,
+            cli_args=args,
+            cli_settings_source=HandWrittenHelp(VitServe, commands=[Serve, Download, Batch, Verify]),
         )
     except ValidationError as exc:
         sys.exit(f"vit-serve: invalid setting: {describe_validation_error(exc)}")

@@ -303,4 +303,9 @@ async def test_model_info_says_how_batches_run() -> None:
         "jpeg_draft": False,
         "pipeline_depth": 1,
         "max_images_per_forward": 8,
+        "backend": "torch",
+        "precision": "float",
+        "explain_backend": None,  # the fake model's attention cannot be read
+        "fast_path": None,  # torch fp32, decoded on the CPU at full scale: nothing for the accuracy gate to check
     }
+    assert info["accuracy_gate"] is None

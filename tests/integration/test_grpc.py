@@ -20,7 +20,7 @@ from google.protobuf import json_format
 from pydantic import SecretStr
 
 from app.config.settings import BatchingConfig, Settings
-from app.engine.descriptions import BatchRecord, ModelInfo
+from app.engine.descriptions import Agreement, BatchRecord, ModelInfo
 from app.engine.facade import Engine
 from app.grpc.interceptors import interceptors
 from app.grpc.proto import inference_pb2 as pb
@@ -132,6 +132,7 @@ class BatchRecorder:
     def batch_split(self, model: str, size: int) -> None: ...
     def model_loaded(self, model: ModelInfo) -> None: ...
     def model_unloaded(self, name: str) -> None: ...
+    def accuracy_measured(self, model: str, agreement: Agreement) -> None: ...
 
     def batch_done(self, model: str, record: BatchRecord) -> None:
         self.batches.append(record)
