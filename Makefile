@@ -77,10 +77,13 @@ soak: $(STAMP_TEST)
 # The benchmark matrix against vit-serve, the baseline and the offline limit, measured in one sitting (~15 min):
 # bench/results/<date>-<machine>.{md,json,png}. BENCH_ARGS="--quick" for a 3-minute smoke run. Then the offline rows
 # (`vit-serve batch` local and Ray against the offline limit and predict -> server, ~5 min): BATCH_BENCH_ARGS.
+# Then the backends (torch, onnxruntime, openvino, bf16, int8: each one's offline limit and the service on it, against
+# torch in the same sitting, bench/results/<date>-backends-<machine>.{md,json}): BACKENDS_BENCH_ARGS.
 bench: $(STAMP_BENCH) $(WRK)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/batch.py $(BATCH_BENCH_ARGS)
 	$(BIN)/python bench/protocols.py $(PROTOCOLS_BENCH_ARGS)
+	$(BIN)/python bench/backends.py $(BACKENDS_BENCH_ARGS)
 
 # The container image from the Dockerfile, with Docker where its daemon answers, else with buildah (installed when
 # missing), on a Debian base made once with debootstrap where no registry can be reached (cached in

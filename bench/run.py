@@ -54,7 +54,10 @@ def post(url: str, data: bytes, timeout: float = 300) -> float:
     return time.perf_counter() - started
 
 
-def start(server: str, model: str, work: Path, port: int, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start(
+    server: str, model: str, work: Path, port: int, log: Path, flags: list[str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A server of the matrix on `port`; vit-serve's with `flags` (default: its variant's, VARIANT_FLAGS)."""
     if server.startswith("vit-serve"):
         command = [
             str(Path(sys.executable).parent / "vit-serve"),
@@ -69,7 +72,7 @@ def start(server: str, model: str, work: Path, port: int, log: Path) -> tuple[su
             str(port),
             "--log-level",
             "warning",
-            *VARIANT_FLAGS.get(server, []),
+            *(VARIANT_FLAGS.get(server, []) if flags is None else flags),
         ]
         url = f"http://127.0.0.1:{port}/v1/classify?logits=false"
     else:
@@ -107,6 +110,16 @@ def wrk(url: str, body: Path, connections: int, seconds: int) -> dict[str, Any]:
     )
     line = next(line for line in result.stdout.splitlines() if line.startswith("WRKJSON "))
     return json.loads(line[8:])  # type: ignore[no-any-return]
+
+
+def summary(result: dict[str, Any]) -> dict[str, float]:
+    """One wrk window: requests a second, p50 and p99 in ms, and every kind of error."""
+    return {
+        "rate": result["requests"] / (result["duration_us"] / 1e6),
+        "p50_ms": result["p50_us"] / 1000,
+        "p99_ms": result["p99_us"] / 1000,
+        "errors": sum(result[k] for k in result if k.endswith("_errors")),
+    }
 
 
 def drain(url: str, data: bytes, idle_s: float) -> None:
@@ -200,23 +213,20 @@ def main() -> None:
                     for connections in levels:
                         wrk(url, bodies[workload], connections, warm)
                         drain(url, data, idle_s)
-                        result = wrk(url, bodies[workload], connections, seconds)
-                        errors = sum(result[k] for k in result if k.endswith("_errors"))
+                        window = summary(wrk(url, bodies[workload], connections, seconds))
                         cell = {
                             "server": server,
                             "model": model,
                             "workload": workload,
                             "concurrency": connections,
-                            "rps": result["requests"] / (result["duration_us"] / 1e6),
-                            "p50_ms": result["p50_us"] / 1000,
-                            "p99_ms": result["p99_us"] / 1000,
-                            "errors": errors,
+                            "rps": window.pop("rate"),
+                            **window,
                             "idle_ms": idle_s * 1000,
                         }
                         cells.append(cell)
                         print(
                             f"{server:15s} {model} {workload:5s} c={connections:<3d} {cell['rps']:8.1f} req/s "
-                            f"p50 {cell['p50_ms']:8.1f} ms p99 {cell['p99_ms']:8.1f} ms errors {errors}",
+                            f"p50 {cell['p50_ms']:8.1f} ms p99 {cell['p99_ms']:8.1f} ms errors {cell['errors']}",
                             flush=True,
                         )
             finally:

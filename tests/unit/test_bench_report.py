@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench.report import markdown
 
 
@@ -50,3 +52,48 @@ def test_a_cell_without_a_baseline_or_with_a_zero_baseline_has_no_ratio() -> Non
         "cells": [cell("vit-serve", 3.0), cell("naive", 0.0)],
     }
     assert "| tiny | small | 16 | 3.0 / 50.0 / 90.0 | 0.0 / 50.0 / 90.0 | - | - |" in markdown(record, quick=False)
+
+
+def backends_record(img_s: dict[str, float], limits: dict[str, float], top1: float) -> dict[str, object]:
+    """A bench/backends.py record: M-base W-small c=16 on each backend, each one's offline limit, int8's gate."""
+
+    def limit(backend: str, value: float) -> dict[str, object]:
+        return {"model": "base", "workload": "small", "backend": backend, "b16_img_s": value, "b16_2thread_img_s": 1.0}
+
+    def served(backend: str, value: float) -> dict[str, object]:
+        cell = {"model": "base", "workload": "small", "backend": backend, "concurrency": 16, "img_s": value}
+        gate = {"top1_agreement": top1} if backend.endswith("int8") else None
+        return {"model": "base", "backend": backend, "cells": [cell], "accuracy_gate": gate}
+
+    return {
+        "variants": {name: [] for name in img_s},
+        "limits": [limit(b, v) for b, v in limits.items()],
+        "services": [served(b, v) for b, v in img_s.items()],
+    }
+
+
+@pytest.mark.slow  # importing bench.backends loads torchvision, whose CUDA lookup runs ldconfig
+def test_the_backends_goals_compare_the_best_of_each_precision_with_torch_and_with_its_own_limit() -> None:
+    from bench.backends import goals
+
+    record = backends_record(
+        {"torch": 10.0, "onnxruntime": 12.0, "openvino": 16.0, "openvino-int8": 24.0},
+        {"torch": 11.0, "onnxruntime": 13.0, "openvino": 16.5, "openvino-int8": 30.0},
+        top1=1.0,
+    )
+    rows = {(g["goal"], g["backend"]): (g["value"], g["met"]) for g in goals(record)}
+    assert rows == {
+        ("best float backend >= 1.5x torch", "openvino"): (1.6, True),
+        ("best int8 >= 2.5x torch", "openvino-int8"): (2.4, False),
+        ("int8 top-1 agreement >= 0.99 (photographs)", "openvino-int8"): (1.0, True),
+        ("service >= 0.95x its offline limit", "openvino"): (16.0 / 16.5, True),
+        ("service >= 0.95x its offline limit", "openvino-int8"): (0.8, False),
+    }
+
+
+@pytest.mark.slow  # importing bench.backends loads torchvision, whose CUDA lookup runs ldconfig
+def test_a_backends_goal_not_measured_is_missed_not_met() -> None:
+    from bench.backends import goals
+
+    rows = goals(backends_record({"torch": 10.0}, {"torch": 11.0}, top1=1.0))
+    assert [(g["backend"], g["value"], g["met"]) for g in rows] == [(None, None, False)] * 5
