@@ -27,6 +27,7 @@ from app.engine.accuracy_gate import AccuracyGateFailed
 from app.engine.facade import Engine
 from app.engine.loading import ModelLoader, export_cache
 from app.errors import ModelLoadError
+from app.runtime.backends import onnx_export
 from app.runtime.backends.onnxruntime_backend import OnnxRuntimeForward
 from app.runtime.backends.openvino_backend import OpenVinoBackend
 from app.serve import cli
@@ -289,6 +290,45 @@ def test_a_second_start_reads_the_cached_exports_and_changed_weights_get_their_o
 
     assert repository.onnx_files() == cached
     assert other_export.name != tiny_export.name and {other_export.name, tiny_export.name} <= cached
+
+
+def test_a_cache_that_cannot_be_written_is_read_and_what_is_missing_is_made_in_a_temporary_folder(
+    repository: Repository,
+    tiny_export: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A read-only cache (an image's baked-in exports) holding tiny's fp32 export alone: int8 reads that export and
+    quantises it into a temporary folder, with a warning, writing nothing into the cache."""
+    weights = tmp_path / "weights"
+    shutil.copytree(repository.weights_cache, weights)
+    for quantised in export_cache(weights).glob("*.int8.onnx"):
+        quantised.unlink()
+    before = sorted(export_cache(weights).iterdir())
+    access = onnx_export.os.access
+    monkeypatch.setattr(
+        onnx_export.os, "access", lambda path, mode: False if weights in Path(path).parents else access(path, mode)
+    )
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    settings = Settings(
+        model_repository=repository.root,
+        model=["tiny"],
+        weights_cache_dir=weights,
+        backend="openvino",
+        precision="int8",
+    )
+    with caplog.at_level(logging.WARNING, logger=onnx_export.__name__):
+        model = ModelLoader(settings)("tiny")
+        model.warm_up()
+
+    assert model.agreement is not None and model.agreement.passed
+    assert sorted(export_cache(weights).iterdir()) == before
+    assert any("cannot be written" in record.getMessage() for record in caplog.records)
 
 
 @pytest.fixture

@@ -94,7 +94,7 @@ def int8_export(plan: ForwardPlan, fp32: Path) -> Path:
     cached = _cached(plan, name)
     if cached is not None:
         return cached
-    path = fp32.with_name(name)
+    path = _cache_folder(plan) / name  # not fp32's folder: an export baked into a read-only cache
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):  # type: ignore[misc]
