@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -306,10 +307,8 @@ def test_a_cache_that_cannot_be_written_is_read_and_what_is_missing_is_made_in_a
     for quantised in export_cache(weights).glob("*.int8.onnx"):
         quantised.unlink()
     before = sorted(export_cache(weights).iterdir())
-    access = onnx_export.os.access
-    monkeypatch.setattr(
-        onnx_export.os, "access", lambda path, mode: False if weights in Path(path).parents else access(path, mode)
-    )
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if weights in Path(path).parents else access(path, mode))
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("exported again")
