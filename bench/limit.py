@@ -37,12 +37,12 @@ from app.pipeline.image_scan import ImageLimits
 from app.pipeline.preprocess import PreprocessParams, build_preprocessor, preprocess
 from app.runtime.backends.base import ForwardPlan
 from app.runtime.backends.registry import backend_for
+from app.runtime.device import DTYPES
 from app.runtime.runner import Forward, batch_buckets
 from bench.workload import MAX_BATCH, MODELS, WORKLOADS, model
 
 PRESET = build_preprocessor(PreprocessParams(crop_size=224, resize_size=256))
 INPUT_SHAPE = (3, 224, 224)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,6 @@ from app.engine.descriptions import Agreement
 from app.errors import ModelLoadError
 
 PHOTOS = Path(__file__).parent / "photos"
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 BUILT_IN = "built-in photographs"
 CALIBRATION = "calibration images"
 
@@ -99,16 +98,10 @@ def table(model: str, agreement: Agreement, bounds: AccuracyGate) -> str:
     return "\n".join(lines)
 
 
-def images_under(paths: list[Path]) -> list[Path]:
-    """Image files, and the images in folders (not their sub-folders), in the order given."""
-    found: list[Path] = []
-    for path in paths:
-        found.extend(image_files(path) if path.is_dir() else [path])
-    return found
-
-
 def image_files(folder: Path) -> list[Path]:
     """The images in `folder` (not its sub-folders), by name; none when it does not exist."""
+    from vit_serve_client.predict import IMAGE_SUFFIXES  # the suffixes `predict` and `batch` read: one list
+
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)

@@ -85,7 +85,7 @@ class Verify(Settings):
 
     target: CliPositionalArg[str] = Field(description="The model (a folder of the model repository).")
     images: CliPositionalArg[list[Path]] = Field(
-        default_factory=list, description="Image files or folders of images to compare on."
+        default_factory=list, description="Image files, or folders walked for images (as predict does), to compare on."
     )
 
     def cli_cmd(self) -> None:
@@ -189,27 +189,25 @@ def batch(command: Batch) -> int:
 
 def verify(command: Verify) -> int:
     """`vit-serve verify`; the exit status: 0 when the bounds are met, 1 when not, 2 when the model cannot load."""
-    from app.engine.accuracy_gate import gate_images, images_under, table
+    from app.engine.accuracy_gate import gate_images, table
     from app.engine.loading import ModelLoader
     from app.observability.logs import configure_logging
     from app.runtime.device import set_torch_threads
+    from vit_serve_client.predict import CannotStart, find_images
 
     configure_logging("warning", "text")
     settings = Settings.model_validate({**command.model_dump(exclude={"target", "images"}), "model": [command.target]})
     set_torch_threads(settings.resolved_torch_threads())
     try:
+        files = find_images(command.images) if command.images else []  # a wrong path: said before the model loads
         model = ModelLoader(settings)(command.target)
         model.warm_up(gate=False)
-        if command.images:
-            files = images_under(command.images)
+        if files:
             images, source = [file.read_bytes() for file in files], "given images"
         else:
             images, source = gate_images(model.calibration, model.gate.images)
-        if not images:
-            print("vit-serve verify: no images to compare on", file=sys.stderr)
-            return 2
         agreement = model.compare(images, source)
-    except (ModelLoadError, OSError) as error:
+    except (ModelLoadError, OSError, CannotStart) as error:
         print(f"vit-serve verify: {error}", file=sys.stderr)
         return 2
     except ServeError as error:  # an image that cannot be read

@@ -453,6 +453,8 @@ def test_verify_exits_1_below_the_bounds_and_2_when_the_model_cannot_load(
 
     assert verify(repository, "missing", "--backend", "openvino") == 2
     assert capsys.readouterr().err.startswith("vit-serve verify: model 'missing': ")
+    assert verify(repository, "tiny", str(tmp_path / "no-such-folder")) == 2
+    assert capsys.readouterr().err == f"vit-serve verify: no such file or folder: {tmp_path / 'no-such-folder'}\n"
 
 
 # -- explanations stay on torch ------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from app.engine.accuracy_gate import (
     compare,
     enforce,
     gate_images,
-    images_under,
     shortfalls,
     table,
 )
@@ -142,8 +141,3 @@ def test_the_gate_reads_the_calibration_images_else_the_built_in_photographs(tmp
     (tmp_path / "nested").mkdir()
     (tmp_path / "nested" / "c.jpg").write_bytes(b"c")
     assert gate_images(tmp_path, 64) == ([b"a", b"b"], CALIBRATION)  # by name; images only; not sub-folders
-    assert images_under([tmp_path / "nested" / "c.jpg", tmp_path]) == [
-        tmp_path / "nested" / "c.jpg",
-        tmp_path / "a.JPG",
-        tmp_path / "b.png",
-    ]

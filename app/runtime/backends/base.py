@@ -45,6 +45,10 @@ class ForwardPlan:
     threads: int = 1  # intra-op threads for a forward (the process's torch threads: the service's budget)
 
 
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 class Backend(ABC):
     """One way to run a forward. `name` is what `backend = ...` says; `modules` what it needs installed."""
 
@@ -54,7 +58,7 @@ class Backend(ABC):
 
     def check(self, device: torch.device, dtype: torch.dtype, precision: Precision) -> None:
         """Refuse, before any weights are read, what this backend cannot run here: raise `ModelLoadError`."""
-        missing = [module for module in self.modules if importlib.util.find_spec(module) is None]
+        missing = [module for module in self.modules if not installed(module)]
         if missing:
             raise ModelLoadError(
                 f"backend {self.name} needs {', '.join(missing)}, which is not installed: "

@@ -14,7 +14,7 @@ import torch
 
 from app.config.settings import Precision
 from app.errors import ModelLoadError
-from app.runtime.backends.base import Backend, ForwardFactory, ForwardPlan
+from app.runtime.backends.base import Backend, ForwardFactory, ForwardPlan, installed
 from app.runtime.backends.onnx_export import plan_export
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class OpenVinoBackend(Backend):
                 f"backend openvino runs on the CPU, not on {device}: set device cpu, or use backend torch or "
                 "onnxruntime on a GPU"
             )
-        if precision == "int8" and not _has("onnxruntime"):
+        if precision == "int8" and not installed("onnxruntime"):
             raise ModelLoadError(
                 "precision int8 is quantised by ONNX Runtime's quantiser, which is not installed: "
                 "pip install 'vit-serve[openvino]'"
@@ -71,9 +71,3 @@ class OpenVinoForward:
 
     def warm_up(self, example: torch.Tensor) -> None:
         self(example[:1])
-
-
-def _has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
